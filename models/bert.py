@@ -1,0 +1,114 @@
+"""BERT encoder (Devlin et al. 2019, arXiv:1810.04805), as in transformers' `BertModel`.
+
+    h0 = LayerNorm(word_emb[ids] + pos_emb[0..T-1] + type_emb[token_type_ids])
+    per layer (post-norm):  a = LayerNorm(h + Wo · MHA(h));  h = LayerNorm(a + W2 · act(W1 · a))
+    pooler(h) = tanh(Wp · h[:, 0])        (the [CLS] token)
+
+Module names nest exactly like transformers' (`encoder.layer.0.attention.self.query`), using
+nn.ModuleDict for the levels that hold no code of their own, so a checkpoint loads as is.
+all-MiniLM-L6-v2 (`minilm-l6`) is this architecture.
+"""
+import torch
+import torch.nn as nn
+
+from .common import activation, check_length, padding_mask, sdpa
+
+
+def encoder_self_attention(x, query, key, value, n_head, mask, dropout_p):
+    """Multi-head self-attention of an encoder, before the output projection."""
+    B, T, C = x.shape
+    q, k, v = (proj(x).view(B, T, n_head, C // n_head).transpose(1, 2) for proj in (query, key, value))  # (B, nh, T, hs)
+    y = sdpa(q, k, v, mask, causal=False, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, eps = cfg["hidden_size"], cfg.get("layer_norm_eps", 1e-12)
+        self.n_head = cfg["num_attention_heads"]
+        self.attn_dropout = cfg.get("attention_probs_dropout_prob", 0.0)
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({"query": nn.Linear(C, C), "key": nn.Linear(C, C), "value": nn.Linear(C, C)}),
+            "output": nn.ModuleDict({"dense": nn.Linear(C, C), "LayerNorm": nn.LayerNorm(C, eps=eps)}),
+        })
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, cfg["intermediate_size"])})
+        self.output = nn.ModuleDict({"dense": nn.Linear(cfg["intermediate_size"], C), "LayerNorm": nn.LayerNorm(C, eps=eps)})
+        self.act = activation(cfg.get("hidden_act", "gelu"))
+        self.dropout = nn.Dropout(cfg.get("hidden_dropout_prob", 0.0))
+
+    def forward(self, x, mask):
+        sa, out = self.attention.self, self.attention.output
+        y = encoder_self_attention(x, sa.query, sa.key, sa.value, self.n_head, mask,
+                                   self.attn_dropout if self.training else 0.0)
+        x = out.LayerNorm(x + self.dropout(out.dense(y)))
+        y = self.output.dense(self.act(self.intermediate.dense(x)))
+        return self.output.LayerNorm(x + self.dropout(y))
+
+
+class BertModel(nn.Module):
+    new_head_names = ("pooler",)  # may be absent from a checkpoint; initialised fresh then
+
+    def __init__(self, cfg, add_pooler=True):
+        super().__init__()
+        C = cfg["hidden_size"]
+        self.max_positions = cfg["max_position_embeddings"]
+        self.embeddings = nn.ModuleDict({
+            "word_embeddings": nn.Embedding(cfg["vocab_size"], C),
+            "position_embeddings": nn.Embedding(self.max_positions, C),
+            "token_type_embeddings": nn.Embedding(cfg.get("type_vocab_size", 2), C),
+            "LayerNorm": nn.LayerNorm(C, eps=cfg.get("layer_norm_eps", 1e-12)),
+        })
+        self.emb_dropout = nn.Dropout(cfg.get("hidden_dropout_prob", 0.0))
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(cfg) for _ in range(cfg["num_hidden_layers"]))})
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(C, C)}) if add_pooler else None
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+        """Returns the last hidden state (B, T, C)."""
+        emb = self.embeddings
+        x = emb.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        T = x.shape[1]
+        check_length(T, self.max_positions)
+        x = x + emb.position_embeddings.weight[:T]
+        if token_type_ids is None:
+            x = x + emb.token_type_embeddings.weight[0]
+        else:
+            x = x + emb.token_type_embeddings(token_type_ids)
+        x = self.emb_dropout(emb.LayerNorm(x))
+        mask = padding_mask(attention_mask)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+    def pool(self, hidden):
+        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+
+
+class BertForSequenceClassification(nn.Module):
+    """[CLS] -> pooler (tanh) -> dropout -> classifier, as transformers' class of the same name."""
+
+    new_head_names = ("classifier", "bert.pooler")
+
+    def __init__(self, cfg, num_labels):
+        super().__init__()
+        self.bert = BertModel(cfg)
+        self.dropout = nn.Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
+        self.classifier = nn.Linear(cfg["hidden_size"], num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        return self.classifier(self.dropout(self.bert.pool(hidden)))  # (B, num_labels)
+
+
+BASE_PREFIX = "bert"  # where transformers' task classes keep the BertModel
+
+
+def build(cfg, task, num_labels):
+    if task == "base":
+        return BertModel(cfg)
+    if task == "seq-cls":
+        return BertForSequenceClassification(cfg, num_labels)
+    raise ValueError(f"task {task!r} is not available for BERT; use 'base' or 'seq-cls'")

@@ -1,0 +1,55 @@
+"""Autoregressive generation for the decoders, with a KV cache.
+
+Each step feeds only the newest token; the keys and values of earlier tokens come from the cache,
+so a step costs O(T) instead of re-running the whole O(T²) prefix. Batches are left-padded: every
+row's next token is then at the same position -1, and the attention mask hides the padding.
+"""
+import torch
+
+from .common import KVCache
+
+
+def sample_next(logits, do_sample, temperature, top_p, generator):
+    """logits (B, vocab) -> next token ids (B,): argmax, or a draw from the top-p nucleus at a temperature."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # tokens after the nucleus already holds top_p of the mass
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
+             top_p=1.0, eos_token_id=None, pad_token_id=None, use_cache=True, generator=None):
+    """Extend each row of input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+
+    Rows that emit an eos token are padded with pad_token_id afterwards; generation stops when every
+    row has finished. eos_token_id may be an int or a list of ids.
+    """
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                       else list(eos_token_id), dtype=torch.long, device=input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if len(eos) else 0
+    cache = KVCache() if use_cache else None
+    ids, step_ids = input_ids, input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(step_ids, attention_mask, cache=cache)[:, -1] if use_cache else model(ids, attention_mask)[:, -1]
+        next_ids = sample_next(logits, do_sample, temperature, top_p, generator).masked_fill(finished, pad_token_id)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        finished |= torch.isin(next_ids, eos)
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+    return ids

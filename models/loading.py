@@ -1,0 +1,162 @@
+"""Find a Hugging Face checkpoint, build our model for it, and load the weights in one safetensors read.
+
+A name resolves, in order, to: an existing local folder; a folder of that name in $PEFT_MODELS_DIR
+(where ../shared/tools/fetch_models.py puts `minilm-l6` and `smollm2-135m`); a short alias's Hub id;
+that Hub id in the local Hugging Face cache; a download from the Hub.
+
+The model is built on the meta device, so no memory is spent on random weights; each tensor is then
+read once from the .safetensors file(s), cast to the requested dtype and assigned in place.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import bert, distilbert, gpt2, llama
+from .common import init_new_weights
+from .tokenizer import Tokenizer
+
+FAMILIES = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2, "llama": llama, "qwen2": llama}
+TASKS = ("causal-lm", "seq-cls", "base")
+ALIASES = {
+    "distilbert": "distilbert/distilbert-base-uncased",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+    "distilgpt2": "distilbert/distilgpt2",
+    "gpt2": "openai-community/gpt2",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+}
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be found or does not fit the model; the message says which and why."""
+
+
+def models_dir():
+    return Path(os.environ.get("PEFT_MODELS_DIR") or Path.home() / ".cache" / "peft-models")
+
+
+def resolve(name_or_path, cache_dir=None):
+    """The local folder holding the checkpoint `name_or_path`, downloading it if need be."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    tried = [f"local folder {path} (does not exist)"]
+    fetched = models_dir() / str(name_or_path)
+    if fetched.is_dir():
+        return fetched
+    tried.append(f"{fetched} (does not exist)")
+    repo_id = ALIASES.get(str(name_or_path).lower(), str(name_or_path))
+    if repo_id.count("/") > 1 or path.is_absolute() or str(name_or_path).startswith("."):
+        raise LoadError(f"{name_or_path!r} is not an existing folder; tried: {'; '.join(tried)}")
+    from huggingface_hub import snapshot_download  # only needed for Hub names
+
+    for local_only, where in ((True, "the local Hugging Face cache"), (False, "the Hugging Face Hub")):
+        try:
+            return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=local_only,
+                                          allow_patterns=HUB_FILES))
+        except Exception as e:  # every failure is reported below, with its reason
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            tried.append(f"{repo_id} in {where} ({type(e).__name__}: {reason[:160]})")
+    raise LoadError(f"could not find model {name_or_path!r}; tried: {'; '.join(tried)}. "
+                    "Pass the path of a local folder with config.json, *.safetensors and tokenizer.json.")
+
+
+def read_config(folder):
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise LoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") not in FAMILIES:
+        raise LoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
+                        f"supported: {', '.join(sorted(FAMILIES))}")
+    return cfg
+
+
+def weight_files(folder):
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            return [folder / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded, for safety)")
+    return files
+
+
+def checkpoint_name_to_ours(key, ours, prefix):
+    """Map a checkpoint key onto our parameter names: with or without the base model's prefix."""
+    if key in ours:
+        return key
+    if f"{prefix}.{key}" in ours:
+        return f"{prefix}.{key}"
+    if key.startswith(prefix + ".") and key[len(prefix) + 1:] in ours:
+        return key[len(prefix) + 1:]
+    return None
+
+
+def is_new_head(name, model):
+    return any(name == head or name.startswith(head + ".") for head in model.new_head_names)
+
+
+def load_weights(model, folder, dtype, prefix, std):
+    """Read each tensor of the checkpoint once into the meta-built `model`; initialise new heads."""
+    tied = getattr(model, "tie_word_embeddings", False)
+    ours = {name: p.shape for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")}
+    state = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = checkpoint_name_to_ours(key, ours, prefix)
+                if name is None:
+                    continue  # another task's head (e.g. an LM head when classifying) or an old buffer
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(ours[name]):
+                    raise LoadError(f"{file}: tensor {key} has shape {shape}, the model expects {tuple(ours[name])}"
+                                    + (" (pass num_labels to match the checkpoint)" if is_new_head(name, model) else ""))
+                state[name] = f.get_tensor(key).to(dtype)
+    missing = [n for n in ours if n not in state and not is_new_head(n, model)]
+    if missing:
+        raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
+                        + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    for head in model.new_head_names:
+        module = model.get_submodule(head)
+        if any(p.is_meta for p in module.parameters()):
+            module.to_empty(device="cpu").to(dtype)
+            init_new_weights(module, std)
+    if tied:
+        model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
+
+
+def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None):
+    """Load a Hugging Face checkpoint into our model. Returns (model in eval mode, Tokenizer).
+
+    task: "causal-lm" (logits (B, T, vocab)), "seq-cls" (logits (B, num_labels)) or "base" (hidden (B, T, C)).
+    """
+    if task not in TASKS:
+        raise LoadError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise LoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    folder = resolve(name_or_path, cache_dir)
+    cfg = read_config(folder)
+    family = FAMILIES[cfg["model_type"]]
+    try:
+        with torch.device("meta"):
+            model = family.build(cfg, task, num_labels)
+    except KeyError as e:
+        raise LoadError(f"{folder}/config.json lacks the key {e.args[0]!r} that {cfg['model_type']} needs") from None
+    except ValueError as e:
+        raise LoadError(f"{folder}: {e}") from None
+    load_weights(model, folder, dtype, family.BASE_PREFIX, cfg.get("initializer_range", 0.02))
+    model.config, model.name_or_path = cfg, str(name_or_path)
+    tokenizer = Tokenizer.from_folder(folder, cfg)
+    return model.eval(), tokenizer

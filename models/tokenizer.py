@@ -1,0 +1,108 @@
+"""The tokenizer of a checkpoint: its tokenizer.json run by the `tokenizers` library.
+
+tokenizer.json holds the vocabulary, the normaliser/pre-tokeniser and the template that adds
+special tokens ([CLS] ... [SEP] for BERT); tokenizer_config.json and special_tokens_map.json name
+the special tokens. Padding and truncation stored inside tokenizer.json are ignored, as
+transformers ignores them: they are chosen per call. Decoders without a pad token pad with eos.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as RustTokenizer
+
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(path):
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer, special_tokens, model_max_length, folder=None):
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.model_max_length = model_max_length
+        self.padding_side = "right"
+        self.folder = folder
+        for name in ("pad", "eos", "bos", "unk", "cls", "sep"):
+            text = special_tokens.get(name)
+            setattr(self, f"{name}_token_id", None if text is None else tokenizer.token_to_id(text))
+
+    @classmethod
+    def from_folder(cls, folder, cfg):
+        from .loading import LoadError
+
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise LoadError(f"{folder} has no tokenizer.json (the fast-tokenizer file this project reads)")
+        tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        special = {name: _token_text(config.get(f"{name}_token")) for name in ("pad", "eos", "bos", "unk", "cls", "sep")}
+        for name in ("eos", "bos", "pad"):  # fall back to the model config's ids (GPT-2 names none in its files)
+            token_id = cfg.get(f"{name}_token_id")
+            token_id = token_id[0] if isinstance(token_id, list) else token_id
+            if special[name] is None and token_id is not None:
+                special[name] = tok.id_to_token(token_id)
+        if special["pad"] is None:
+            special["pad"] = special["eos"]
+        max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        max_length = config.get("model_max_length")
+        if not isinstance(max_length, int) or max_length > 10**8:
+            max_length = max_positions
+        return cls(tok, special, max_length, folder)
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text, add_special_tokens=True):
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, texts, padding=True, truncation=False, max_length=None, add_special_tokens=True,
+                 return_tensors="pt"):
+        """Token ids and attention mask of a text or a batch: {"input_ids", "attention_mask"} (B, T) tensors."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if truncation:
+            self.tokenizer.enable_truncation(max_length or self.model_max_length)
+        if padding:
+            if self.pad_token_id is None:
+                raise ValueError("this tokenizer has no pad token; pass padding=False or encode one text at a time")
+            self.tokenizer.enable_padding(direction=self.padding_side, pad_id=self.pad_token_id,
+                                          length=max_length if padding == "max_length" else None)
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        finally:
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
+        ids = [e.ids for e in encodings]
+        mask = [e.attention_mask for e in encodings]
+        if return_tensors != "pt":
+            return {"input_ids": ids, "attention_mask": mask}
+        if len({len(row) for row in ids}) > 1:
+            raise ValueError("texts have different lengths; pass padding=True to return tensors")
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+    def save(self, folder):
+        """Copy the tokenizer files next to an adapter, so the output folder is self-contained."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            if self.folder is not None and (Path(self.folder) / name).is_file():
+                shutil.copy(Path(self.folder) / name, Path(folder) / name)

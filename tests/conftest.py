@@ -1,0 +1,50 @@
+"""Shared pytest setup.
+
+* Forces the Hugging Face hub offline (set before huggingface_hub is imported anywhere).
+* Puts the repository root on sys.path so ``import models`` works without installing.
+* Session fixtures:
+    tiny          tests.tiny.Checkpoints: ``tiny(family, task) -> (folder, hf_model)``; each
+                  tiny random checkpoint is written once per session (see tests/tiny.py).
+    peft_models_dir  Path of the real checkpoints ($PEFT_MODELS_DIR, default ~/.cache/peft-models).
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+for p in (str(ROOT), str(TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+PEFT_MODELS_DIR = Path(os.environ.get("PEFT_MODELS_DIR", "~/.cache/peft-models")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    from tiny import Checkpoints
+
+    return Checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def peft_models_dir():
+    return PEFT_MODELS_DIR
+
+
+def real_model_dir(name: str) -> Path:
+    """Folder of a real checkpoint in $PEFT_MODELS_DIR, or pytest.skip with how to fetch it."""
+    folder = PEFT_MODELS_DIR / name
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{name} not found in {PEFT_MODELS_DIR}; run python ../shared/tools/fetch_models.py")
+    return folder

@@ -1,0 +1,557 @@
+"""models/: our hand-written DistilBERT, BERT, GPT-2, Qwen2 and Llama against transformers.
+
+Tiny random checkpoints (tests/tiny.py) for every family and task head: outputs equal
+transformers' (fp32, atol 1e-5) with and without padding; greedy generation token-identical to
+transformers' generate (with / without KV cache, batched with left padding, EOS handling);
+tokenizers give transformers' ids. Real checkpoints from $PEFT_MODELS_DIR (minilm-l6,
+smollm2-135m) at atol 1e-4, skipped when absent. Name resolution and loading errors.
+"""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import real_model_dir
+from models import LoadError, generate, load_model
+from tiny import (CASES, DECODERS, ENCODERS, HIDDEN, MAX_POS, NUM_LABELS, SPECIAL_IDS, TASKS, _TOKENIZER_KIND,
+                  load_hf, random_ids, write_checkpoint)
+
+ATOL = 1e-5
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def special(family, name):
+    return SPECIAL_IDS[_TOKENIZER_KIND[family]][name]
+
+
+def positions(mask):
+    """Position ids derived from the attention mask (what our decoders use)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run_hf(hf, family, task, ids, mask=None, token_type_ids=None):
+    if mask is None:
+        mask = torch.ones_like(ids)
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if family in DECODERS:
+        kw["position_ids"] = positions(mask)
+    if token_type_ids is not None:
+        kw["token_type_ids"] = token_type_ids
+    with torch.no_grad():
+        out = hf(**kw)
+    return out.last_hidden_state if task == "base" else out.logits
+
+
+def run_ours(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, **kw)
+    assert isinstance(out, torch.Tensor), type(out)
+    return out
+
+
+def padded_batch(rows, pad_id, side):
+    """Pad a list of 1-D LongTensors to one batch; returns (input_ids, attention_mask)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, sl] = r
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def ragged_rows(family, lengths, seed):
+    full = random_ids(family, len(lengths), max(lengths), seed=seed)
+    return [full[i, :n] for i, n in enumerate(lengths)]
+
+
+def assert_same_output(ours, ref, task, mask):
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    if task == "seq-cls":
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+    else:  # per-token outputs: only where there is a real token
+        keep = mask.bool()
+        torch.testing.assert_close(ours[keep], ref[keep], atol=ATOL, rtol=0)
+
+
+def num_labels_for(task):
+    return NUM_LABELS if task == "seq-cls" else 2
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    """ours(family, task) -> (model, tokenizer), loaded once per module with load_model."""
+    cache = {}
+
+    def get(family, task):
+        if (family, task) not in cache:
+            folder = tiny.folder(family, task)
+            cache[(family, task)] = load_model(str(folder), task=task, num_labels=num_labels_for(task))
+        return cache[(family, task)]
+
+    return get
+
+
+# -------------------------------------------------- outputs equal transformers'
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_logits_no_padding(tiny, ours, family, task):
+    model, _ = ours(family, task)
+    assert not model.training, "load_model must return the model in eval mode"
+    ids = random_ids(family, 2, 11, seed=1)
+    out = run_ours(model, ids)
+    ref = run_hf(tiny.hf(family, task), family, task, ids)
+    expected = {"base": (2, 11, HIDDEN), "seq-cls": (2, NUM_LABELS)}.get(task, (2, 11, ref.shape[-1]))
+    assert tuple(out.shape) == expected
+    assert_same_output(out, ref, task, torch.ones_like(ids))
+    # attention_mask of all ones is the same as no mask
+    torch.testing.assert_close(run_ours(model, ids, torch.ones_like(ids)), out, atol=ATOL, rtol=0)
+
+
+PADDED_CASES = [(f, t, "right") for f, t in CASES] + [(f, t, "left") for f, t in CASES if f in DECODERS]
+
+
+@pytest.mark.parametrize("family,task,side", PADDED_CASES)
+def test_logits_with_padding(tiny, ours, family, task, side):
+    model, _ = ours(family, task)
+    rows = ragged_rows(family, [10, 6, 1, 8], seed=2)
+    ids, mask = padded_batch(rows, special(family, "pad"), side)
+    out = run_ours(model, ids, mask)
+    assert_same_output(out, run_hf(tiny.hf(family, task), family, task, ids, mask), task, mask)
+    # a padded row gives what the row gives alone
+    for i, r in enumerate(rows):
+        alone = run_ours(model, r[None])
+        mine = out[i][mask[i].bool()] if task != "seq-cls" else out[i]
+        torch.testing.assert_close(mine, alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("task", TASKS["bert"])
+def test_bert_token_type_ids(tiny, ours, task):
+    model, _ = ours("bert", task)
+    ids = random_ids("bert", 2, 9, seed=3)
+    tt = torch.zeros_like(ids)
+    tt[:, 5:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    out = run_ours(model, ids, mask, token_type_ids=tt)
+    ref = run_hf(tiny.hf("bert", task), "bert", task, ids, mask, token_type_ids=tt)
+    assert_same_output(out, ref, task, mask)
+    # and token_type_ids=None means all zeros
+    torch.testing.assert_close(run_ours(model, ids, mask),
+                               run_ours(model, ids, mask, token_type_ids=torch.zeros_like(ids)),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_encoders_have_no_causal_lm(tiny, family):
+    with pytest.raises(LoadError):
+        load_model(str(tiny.folder(family, "base")), task="causal-lm")
+
+
+def test_base_task_from_a_causal_lm_checkpoint(tiny):
+    """task='base' on a *ForCausalLM checkpoint gives the decoder's last hidden state."""
+    folder = tiny.folder("llama", "causal-lm")
+    model, _ = load_model(str(folder), task="base")
+    hf = load_hf(folder, "llama", "causal-lm")
+    ids = random_ids("llama", 2, 7, seed=4)
+    with torch.no_grad():
+        ref = hf.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(run_ours(model, ids), ref, atol=ATOL, rtol=0)
+
+
+def test_bfloat16_load(tiny):
+    model, _ = load_model(str(tiny.folder("llama", "causal-lm")), task="causal-lm", dtype=torch.bfloat16)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    assert dtypes == {torch.bfloat16}, dtypes
+    ids = random_ids("llama", 1, 6)
+    out = run_ours(model, ids)
+    ref = run_hf(tiny.hf("llama", "causal-lm"), "llama", "causal-lm", ids)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.2, rtol=0.05)
+
+
+# ------------------------------------------------------------ greedy generation
+
+
+def hf_generate(hf, ids, mask, **kw):
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "left-padded-batch"])
+@pytest.mark.parametrize("family", DECODERS)
+def test_greedy_generation(tiny, ours, family, batched, use_cache):
+    model, _ = ours(family, "causal-lm")
+    hf = tiny.hf(family, "causal-lm")
+    pad, eos = special(family, "pad"), special(family, "eos")
+    if batched:
+        ids, mask = padded_batch(ragged_rows(family, [7, 3, 5], seed=5), pad, "left")
+    else:
+        ids = random_ids(family, 1, 6, seed=6)
+        mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=20, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache)
+    ref = hf_generate(hf, ids, mask, **kw)
+    with torch.no_grad():
+        out = generate(model, ids, attention_mask=mask, do_sample=False, **kw)
+    assert out.dtype == torch.long
+    assert torch.equal(out, ref), f"\nours {out.tolist()}\nhf   {ref.tolist()}"
+    assert ref.shape[1] == ids.shape[1] + 20 or (ref[:, ids.shape[1]:] == eos).any()
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generation_eos_handling(tiny, ours, family):
+    """Pick a token the model is known to generate as 'eos': rows stop, get padded, and the
+    loop ends once every row has finished, exactly as in transformers."""
+    model, _ = ours(family, "causal-lm")
+    hf = tiny.hf(family, "causal-lm")
+    pad = special(family, "pad")
+    ids, mask = padded_batch(ragged_rows(family, [6, 4], seed=7), pad, "left")
+    T = ids.shape[1]
+    seq = ids[:1]  # row 0 has no padding: its plain greedy continuation, 4 steps
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, hf(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    stop = int(seq[0, T + 3])  # so row 0 produces `stop` after at most 4 new tokens
+    for batch_ids, batch_mask in ((ids, mask), (ids[:1], mask[:1])):
+        kw = dict(max_new_tokens=20, eos_token_id=stop, pad_token_id=pad)
+        ref = hf_generate(hf, batch_ids, batch_mask, **kw)
+        with torch.no_grad():
+            out = generate(model, batch_ids, attention_mask=batch_mask, do_sample=False, **kw)
+        assert torch.equal(out, ref), f"\nours {out.tolist()}\nhf   {ref.tolist()}"
+    assert out.shape[1] <= T + 4  # the single row stopped early
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sampling(tiny, ours, family):
+    model, _ = ours(family, "causal-lm")
+    ids = random_ids(family, 2, 5, seed=8)
+    pad = special(family, "pad")
+    kw = dict(max_new_tokens=8, eos_token_id=None, pad_token_id=pad)
+    greedy = generate(model, ids, do_sample=False, **kw)
+    # top_p so small that only the most likely token survives == greedy
+    nucleus = generate(model, ids, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(nucleus, greedy)
+    a = generate(model, ids, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(model, ids, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b), "same generator seed must give the same sample"
+    assert torch.equal(a[:, :5], ids) and a.shape[0] == 2 and a.shape[1] <= 13
+
+
+# ------------------------------------------------------------------- tokenizers
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "In 1969, Apollo 11 landed; it cost $25.4 billion (≈ €200B today)!",
+         "Café naïve — 東京 🙂 ok?",
+         "a"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2", "llama"])
+def test_tiny_tokenizer_matches_transformers(tiny, ours, family):
+    from transformers import AutoTokenizer
+
+    task = TASKS[family][0]
+    _, tok = ours(family, task)
+    hf = AutoTokenizer.from_pretrained(str(tiny.folder(family, task)))
+    check_tokenizer(tok, hf, TEXTS)
+
+
+def check_tokenizer(tok, hf, texts):
+    for t in texts:
+        assert tok.encode(t) == hf(t)["input_ids"], t
+    for side in ("right", "left"):
+        tok.padding_side = hf.padding_side = side
+        if hf.pad_token is None:
+            hf.pad_token = hf.eos_token
+        ours_b = tok(texts, padding=True, return_tensors="pt")
+        ref_b = hf(texts, padding=True, return_tensors="pt")
+        assert torch.equal(ours_b["input_ids"], ref_b["input_ids"]), side
+        assert torch.equal(ours_b["attention_mask"], ref_b["attention_mask"]), side
+        assert ours_b["input_ids"].dtype == torch.long and ours_b["attention_mask"].dtype == torch.long
+    tok.padding_side = hf.padding_side = "right"
+    ours_t = tok(texts, padding=True, truncation=True, max_length=7, return_tensors="pt")
+    ref_t = hf(texts, padding=True, truncation=True, max_length=7, return_tensors="pt")
+    assert torch.equal(ours_t["input_ids"], ref_t["input_ids"])
+    single = tok(texts[1], return_tensors="pt")["input_ids"]
+    assert single.shape == (1, len(hf(texts[1])["input_ids"]))
+    for t in texts:
+        ids = hf(t)["input_ids"]
+        assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), t
+    assert tok.eos_token_id == hf.eos_token_id
+    assert tok.bos_token_id == hf.bos_token_id
+    assert tok.pad_token_id == hf.pad_token_id  # for decoders without a pad token: eos on both sides
+    assert tok.model_max_length == hf.model_max_length
+
+
+# --------------------------------------------------------------- real checkpoints
+
+PARAGRAPH = ("Hugging Face was founded in 2016 in New York City. By March 2024, its hub hosted over "
+             "500,000 models (and 100k+ datasets)! Prices: $3.99, €4.50 or ¥600 — naïve café owners "
+             "in Zürich & 東京 said: \"it's 100% fine\"; see https://huggingface.co/docs. 🚀\n"
+             "Line two:\tTABS, CAPS, and numbers like 3.14159 or 1,000,000.")
+SHORT = ["The capital of France is", "Parameter-efficient fine-tuning of 2 models, quickly."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return real_model_dir("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = real_model_dir("smollm2-135m")
+    model, tok = load_model(str(folder), task="causal-lm")
+    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    return model, tok, hf, AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_minilm_base(minilm):
+    from transformers import AutoTokenizer, BertModel
+
+    model, tok = load_model(str(minilm), task="base")
+    hf = BertModel.from_pretrained(str(minilm), dtype=torch.float32, attn_implementation="eager").eval()
+    batch = AutoTokenizer.from_pretrained(str(minilm))(SHORT, padding=True, return_tensors="pt")
+    out = run_ours(model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=0)
+
+
+def test_minilm_seq_cls_uses_pooler(minilm):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model, _ = load_model(str(minilm), task="seq-cls", num_labels=3)
+    hf = BertForSequenceClassification.from_pretrained(str(minilm), num_labels=3, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    # the classifier is new in both: give transformers' the weights of ours (found by shape)
+    new = {tuple(p.shape): p for n, p in model.named_parameters() if p.shape in ((3, 384), (3,))}
+    assert set(new) == {(3, 384), (3,)}, "expected one (3, 384) classifier weight and its bias"
+    with torch.no_grad():
+        hf.classifier.weight.copy_(new[(3, 384)])
+        hf.classifier.bias.copy_(new[(3,)])
+    batch = AutoTokenizer.from_pretrained(str(minilm))(SHORT, padding=True, return_tensors="pt")
+    out = run_ours(model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        ref = hf(**batch).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_minilm_tokenizer(minilm):
+    from transformers import AutoTokenizer
+
+    _, tok = load_model(str(minilm), task="base")
+    check_tokenizer(tok, AutoTokenizer.from_pretrained(str(minilm)), [PARAGRAPH] + SHORT)
+
+
+def test_minilm_by_short_name(minilm, monkeypatch, tmp_path):
+    """A folder name in $PEFT_MODELS_DIR resolves (fetch_models.py's layout)."""
+    monkeypatch.setenv("PEFT_MODELS_DIR", str(minilm.parent))
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("minilm-l6", task="base")
+    ref, _ = load_model(str(minilm), task="base")
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    torch.testing.assert_close(run_ours(model, ids), run_ours(ref, ids), atol=0, rtol=0)
+
+
+def test_smollm_logits(smollm):
+    model, _, hf, hf_tok = smollm
+    batch = hf_tok(SHORT, padding=True, return_tensors="pt")
+    out = run_ours(model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        ref = hf(**batch).logits
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=0)
+
+
+def test_smollm_tokenizer(smollm):
+    _, tok, _, hf_tok = smollm
+    check_tokenizer(tok, hf_tok, [PARAGRAPH] + SHORT)
+    assert tok.decode(tok.encode(PARAGRAPH)) == PARAGRAPH
+
+
+def test_smollm_greedy(smollm):
+    model, _, hf, hf_tok = smollm
+    hf_tok.padding_side = "left"
+    batch = hf_tok(SHORT, padding=True, return_tensors="pt")
+    hf_tok.padding_side = "right"
+    kw = dict(max_new_tokens=10, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id)
+    ref = hf_generate(hf, batch["input_ids"], batch["attention_mask"], **kw)
+    with torch.no_grad():
+        out = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, **kw)
+    assert torch.equal(out, ref), f"\nours {out.tolist()}\nhf   {ref.tolist()}"
+
+
+# -------------------------------------------------------------- name resolution
+
+
+def test_local_folder(tiny):
+    folder = tiny.folder("gpt2", "causal-lm")
+    model, tok = load_model(str(folder), task="causal-lm")
+    ids = random_ids("gpt2", 1, 5)
+    torch.testing.assert_close(run_ours(model, ids), run_hf(tiny.hf("gpt2", "causal-lm"), "gpt2", "causal-lm", ids),
+                               atol=ATOL, rtol=0)
+
+
+def one_line_error(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg.strip(), f"LoadError message should be one line: {msg!r}"
+    return msg
+
+
+def test_unknown_name_offline(tmp_path, monkeypatch):
+    assert issubclass(LoadError, ValueError)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFT_MODELS_DIR", str(tmp_path / "none"))
+    name = "no-such-org/no-such-model-4f2a"
+    with pytest.raises(LoadError) as e:
+        load_model(name, cache_dir=str(tmp_path / "hf-cache"))
+    msg = one_line_error(e)
+    assert name in msg
+    assert "cache" in msg.lower() and "folder" in msg.lower(), msg
+    with pytest.raises(LoadError) as e:
+        load_model(str(tmp_path / "does" / "not" / "exist"))
+    assert "exist" in one_line_error(e)
+
+
+def fake_hf_cache(cache, repo_id, src):
+    """Lay out `src` as huggingface_hub's cache does: models--org--name/{refs/main, snapshots/<hash>/}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hf_cache_layout(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFT_MODELS_DIR", str(tmp_path / "none"))
+    cache = tmp_path / "hf-cache"
+    fake_hf_cache(cache, "tiny-org/tiny-llama", tiny.folder("llama", "causal-lm"))
+    model, tok = load_model("tiny-org/tiny-llama", task="causal-lm", cache_dir=str(cache))
+    ids = random_ids("llama", 2, 6)
+    torch.testing.assert_close(run_ours(model, ids), run_hf(tiny.hf("llama", "causal-lm"), "llama", "causal-lm", ids),
+                               atol=ATOL, rtol=0)
+    assert tok.eos_token_id == special("llama", "eos")
+
+
+ALIAS_CASES = [  # alias, family, Hub ids it may stand for
+    ("distilbert", "distilbert", ["distilbert-base-uncased", "distilbert/distilbert-base-uncased"]),
+    ("distilgpt2", "gpt2", ["distilgpt2", "distilbert/distilgpt2"]),
+    ("gpt2", "gpt2", ["gpt2", "openai-community/gpt2"]),
+    ("qwen2.5-0.5b", "qwen2", ["Qwen/Qwen2.5-0.5B"]),
+    ("qwen2.5-0.5b-instruct", "qwen2", ["Qwen/Qwen2.5-0.5B-Instruct"]),
+]
+
+
+@pytest.mark.parametrize("alias,family,repo_ids", ALIAS_CASES, ids=[a[0] for a in ALIAS_CASES])
+def test_alias_through_hf_cache(tiny, tmp_path, monkeypatch, alias, family, repo_ids):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFT_MODELS_DIR", str(tmp_path / "none"))
+    cache = tmp_path / "hf-cache"
+    for repo_id in repo_ids:
+        fake_hf_cache(cache, repo_id, tiny.folder(family, "base"))
+    model, _ = load_model(alias, task="base", cache_dir=str(cache))
+    ids = random_ids(family, 1, 5)
+    torch.testing.assert_close(run_ours(model, ids), run_hf(tiny.hf(family, "base"), family, "base", ids),
+                               atol=ATOL, rtol=0)
+
+
+# -------------------------------------------------------------- loading errors
+
+
+def test_folder_without_config(tiny, tmp_path):
+    folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
+    (folder / "config.json").unlink()
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder))
+    assert "config.json" in one_line_error(e)
+
+
+def test_unsupported_model_type(tiny, tmp_path):
+    folder = tiny.copy("bert", "base", tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder), task="base")
+    assert "t5" in one_line_error(e)
+
+
+def test_folder_without_tokenizer(tiny, tmp_path):
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder))
+    assert "tokenizer.json" in one_line_error(e)
+
+
+BROKEN = [("gpt2", "causal-lm"), ("llama", "causal-lm"), ("qwen2", "seq-cls"), ("bert", "seq-cls"),
+          ("distilbert", "base")]
+
+
+def pick_matrix(state):
+    """A 2-D tensor of the second layer, and the part of its name from the layer index on."""
+    key = next(k for k, v in state.items() if re.search(r"\.1\.", k) and v.dim() == 2)
+    return key, re.search(r"(\d+\..*)$", key).group(1)
+
+
+@pytest.mark.parametrize("family,task", BROKEN)
+def test_missing_tensor(tiny, tmp_path, family, task):
+    folder = tiny.copy(family, task, tmp_path / "ck")
+    state = load_file(str(folder / "model.safetensors"))
+    key, short = pick_matrix(state)
+    del state[key]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder), task=task, num_labels=num_labels_for(task))
+    assert short in one_line_error(e)
+
+
+@pytest.mark.parametrize("family,task", BROKEN)
+def test_wrongly_shaped_tensor(tiny, tmp_path, family, task):
+    folder = tiny.copy(family, task, tmp_path / "ck")
+    state = load_file(str(folder / "model.safetensors"))
+    key, short = pick_matrix(state)
+    a, b = state[key].shape
+    state[key] = torch.zeros(a + 1, b)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder), task=task, num_labels=num_labels_for(task))
+    msg = one_line_error(e)
+    assert short in msg
+    assert re.search(rf"\b{a + 1}\D{{1,4}}{b}\b", msg) and re.search(rf"\b{a}\D{{1,4}}{b}\b", msg), \
+        f"message should give both shapes ({a + 1}, {b}) and ({a}, {b}): {msg}"
+
+
+@pytest.mark.parametrize("family,task", [("llama", "causal-lm"), ("gpt2", "seq-cls"), ("bert", "base")])
+def test_sharded_checkpoint(tmp_path, family, task):
+    folder = tmp_path / "sharded"
+    write_checkpoint(folder, family, task, seed=11, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    assert not (folder / "model.safetensors").exists()
+    model, _ = load_model(str(folder), task=task, num_labels=num_labels_for(task))
+    ids = random_ids(family, 2, 7, seed=12)
+    ref = run_hf(load_hf(folder, family, task), family, task, ids)
+    assert_same_output(run_ours(model, ids), ref, task, torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("family,task", [("distilbert", "base"), ("bert", "seq-cls"), ("gpt2", "causal-lm"),
+                                         ("qwen2", "causal-lm"), ("llama", "base")])
+def test_too_long_sequence(ours, family, task):
+    model, _ = ours(family, task)
+    run_ours(model, random_ids(family, 1, MAX_POS))  # exactly max positions is fine
+    with pytest.raises(ValueError) as e:
+        run_ours(model, random_ids(family, 1, MAX_POS + 1))
+    msg = str(e.value)
+    assert str(MAX_POS + 1) in msg and str(MAX_POS) in msg.replace(str(MAX_POS + 1), ""), msg
