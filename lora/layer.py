@@ -10,8 +10,8 @@ Fine-tuning changes a pretrained weight W (out_dim x in_dim) into W + ΔW. LoRA'
 
 Only A and B are trained: rank * (in_dim + out_dim) parameters instead of in_dim * out_dim.
 A starts Kaiming-uniform (a = sqrt(5), nn.Linear's default) and B starts at zero, so ΔW = 0 and
-step 0 is exactly the pretrained model, while the gradient w.r.t. B (= scale * grad_y^T A x) is
-non-zero and training can move away from it. (If both were zero, neither would get a gradient.)
+step 0 is exactly the pretrained model, while dL/dB = scale * (dL/dy) (A x)^T is non-zero, so
+training moves away from it at once. (Were A zero as well, neither factor would get a gradient.)
 `init="gaussian"` draws A ~ N(0, std = 1/rank) instead, as peft's `init_lora_weights="gaussian"`.
 
 scale = alpha / rank keeps the update size roughly fixed when rank changes, so alpha need not be
@@ -46,8 +46,9 @@ State-dict layout (identical to peft 0.21.2's in-memory layout)
     lora_B.<name>.weight        (out_dim, rank)
     lora_magnitude_vector.<name>.weight      (out_dim,)   DoRA only
 peft's saved adapter files (adapter_model.safetensors) drop the adapter name and, for the
-magnitude, the trailing ".weight":  "X.lora_A.<name>.weight" <-> "X.lora_A.weight",
-"X.lora_magnitude_vector.<name>.weight" <-> "X.lora_magnitude_vector".
+magnitude, the trailing ".weight" (X = module path, saved with peft's "base_model.model." prefix):
+    "X.lora_A.<name>.weight" <-> "X.lora_A.weight"    (likewise lora_B)
+    "X.lora_magnitude_vector.<name>.weight" <-> "X.lora_magnitude_vector"
 """
 
 import math
@@ -170,7 +171,7 @@ class LoRALinear(nn.Module):
             if name not in self.lora_magnitude_vector:
                 # result += scale * h @ B^T as one fused in-place GEMM; linear's backward never needs
                 # its own output, so modifying it in place is safe for autograd.
-                result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
+                result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), B.t().to(result.dtype), alpha=scale)
                 continue
             weight = self._base_weight()  # (out, in)
             with torch.no_grad():  # the norm is a constant for backprop (DoRA section 4.3)

@@ -44,7 +44,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     ids, step_ids = input_ids, input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask, cache=cache)[:, -1] if use_cache else model(ids, attention_mask)[:, -1]
+        inputs = step_ids if use_cache else ids
+        last = torch.zeros_like(inputs, dtype=torch.bool)
+        last[:, -1] = True  # the full (B, T, vocab) logits of the prompt are never needed
+        logits = model(inputs, attention_mask, cache=cache, logits_mask=last)  # (B, vocab)
         next_ids = sample_next(logits, do_sample, temperature, top_p, generator).masked_fill(finished, pad_token_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)

@@ -141,8 +141,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", False)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds))  # (B, T, vocab)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                logits_mask=None):
+        """Logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits, (n, vocab).
+
+        Training needs logits only where there are labels: a full (B, T, vocab) fp32 tensor is the
+        largest activation of a small LM, so skipping the rest saves memory and time.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, C)
+        return self.lm_head(hidden if logits_mask is None else hidden[logits_mask])
 
 
 class LlamaForSequenceClassification(nn.Module):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import real_model_dir
 from models import LoadError, generate, load_model
-from tiny import (CASES, DECODERS, ENCODERS, HIDDEN, MAX_POS, NUM_LABELS, SPECIAL_IDS, TASKS, _TOKENIZER_KIND,
-                  load_hf, random_ids, write_checkpoint)
+from tiny import (CASES, DECODERS, ENCODERS, HIDDEN, MAX_POS, NUM_LABELS, TASKS, load_hf, random_ids,
+                  special_ids, write_checkpoint)
 
 ATOL = 1e-5
 
@@ -26,7 +26,7 @@ ATOL = 1e-5
 
 
 def special(family, name):
-    return SPECIAL_IDS[_TOKENIZER_KIND[family]][name]
+    return special_ids(family)[name]
 
 
 def positions(mask):
@@ -406,6 +406,12 @@ def one_line_error(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg.strip(), f"LoadError message should be one line: {msg!r}"
     return msg
+
+
+def test_hub_is_offline():
+    import huggingface_hub.constants as c
+
+    assert c.HF_HUB_OFFLINE, "conftest must set HF_HUB_OFFLINE=1 before huggingface_hub is imported"
 
 
 def test_unknown_name_offline(tmp_path, monkeypatch):

@@ -22,6 +22,9 @@ API (the conftest wraps it in the session fixture ``tiny``):
                                   eager attention), for tests that must not share state
     random_ids(family, batch, length, seed=0) -> LongTensor of ordinary (non-special)
                                   token ids of that family's tokenizer
+    special_ids(family)           {"pad": .., "bos": .., "eos": .., "unk": ..} token ids (None if
+                                  absent); pad is the config's pad_token_id (= eos for decoders)
+    tokenizer_vocab_size(family)  tokens in the tokenizer (the config's vocab_size is a bit larger)
     Checkpoints(root)             cache: ``get(family, task) -> (folder, hf_model)`` writes each
                                   checkpoint once under root/<family>-<task>;
                                   ``folder(family, task)``, ``hf(family, task)``,
@@ -183,6 +186,12 @@ def _train_tokenizer(kind: str):
             assert tok.id_to_token(i) in specials, (kind, name, i)
     _tok_cache[kind] = tok
     return tok
+
+
+def special_ids(family: str) -> dict:
+    """Ids of the special tokens of `family`'s tokenizer: keys pad, bos, eos, unk (None if absent)
+    (+ cls, sep, mask for the encoders). pad is the config's pad_token_id (eos for decoders)."""
+    return dict(SPECIAL_IDS[_TOKENIZER_KIND[family]])
 
 
 def tokenizer_vocab_size(family: str) -> int:

@@ -1,0 +1,91 @@
+"""LoRA speed, ours vs peft on the same checkpoint, in one run.
+
+    python bench/bench_lora.py [--repeats 10] [--rank 8]
+
+1. Training step (forward + backward, LoRA r on the default targets): ours / peft.
+2. Inference latency of the base model, unmerged LoRA and merged LoRA, for ours and peft:
+   overhead = unmerged / base - 1 (target: <= 5 % for ours), merged / base (target: 1.00 within noise).
+"""
+import argparse
+
+import peft
+import torch
+import transformers
+
+from common import interleaved, model_dir
+from lora import LoraConfig, apply_lora, merge_adapter
+from models import load_model
+
+CASES = [  # (name, our task, transformers class, peft task, targets, batch, tokens)
+    ("minilm-l6", "seq-cls", transformers.AutoModelForSequenceClassification, "SEQ_CLS", ["query", "value"], 32, 64),
+    ("smollm2-135m", "causal-lm", transformers.AutoModelForCausalLM, "CAUSAL_LM", ["q_proj", "v_proj"], 8, 128),
+]
+
+
+def randomize_b(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={args.rank}")
+    for name, task, auto, peft_task, targets, B, T in CASES:
+        folder = model_dir(name)
+        if not folder.is_dir():
+            print(f"{name}: skipped, not in {folder.parent}")
+            continue
+        torch.manual_seed(0)
+        ids = torch.randint(100, 1000, (B, T))
+        mask = torch.ones_like(ids)
+        base, _ = load_model(folder, task=task)
+        ours, _ = load_model(folder, task=task)
+        apply_lora(ours, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets))
+        randomize_b(ours)
+        hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
+        hf_base = auto.from_pretrained(folder, dtype=torch.float32).eval()
+        theirs = peft.get_peft_model(hf, peft.LoraConfig(task_type=peft_task, r=args.rank, lora_alpha=2 * args.rank,
+                                                          target_modules=targets))
+        randomize_b(theirs)
+
+        def step(model, call):
+            model.train()
+            out = call(model)
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        t = interleaved({
+            "ours": lambda: step(ours, lambda m: m(ids, mask)),
+            "peft": lambda: step(theirs, lambda m: m(input_ids=ids, attention_mask=mask).logits),
+        }, repeats=args.repeats)
+        print(f"\n{name} {B}x{T}: training step ours {t['ours'] * 1e3:.0f} ms, peft {t['peft'] * 1e3:.0f} ms, "
+              f"ours/peft {t['ours'] / t['peft']:.2f}")
+
+        ours.eval(), theirs.eval()
+        ours_merged, _ = load_model(folder, task=task)
+        apply_lora(ours_merged, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets))
+        ours_merged.load_state_dict(ours.state_dict())
+        merge_adapter(ours_merged)
+        with torch.inference_mode():
+            t = interleaved({
+                "base": lambda: base(ids, mask),
+                "unmerged": lambda: ours(ids, mask),
+                "merged": lambda: ours_merged(ids, mask),
+                "peft_base": lambda: hf_base(input_ids=ids, attention_mask=mask),
+                "peft_unmerged": lambda: theirs(input_ids=ids, attention_mask=mask),
+            }, repeats=args.repeats)
+        print("| inference | ms | / base |\n|---|---|---|")
+        for key in ("base", "unmerged", "merged"):
+            print(f"| ours {key} | {t[key] * 1e3:.0f} | {t[key] / t['base']:.3f} |")
+        for key in ("peft_base", "peft_unmerged"):
+            print(f"| {key.replace('_', ' ')} | {t[key] * 1e3:.0f} | {t[key] / t['peft_base']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Time our NF4 / int8 kernels against bitsandbytes' CPU kernels on the same weights, in one run.
+
+    python bench/bench_quant.py [--repeats 15] [--threads N]
+Prints, per weight shape and operation: our median time, bitsandbytes' median time, and ours / bnb.
+Both sides produce identical bytes (tests/test_quant.py), so this compares speed only. Timings are
+run round-robin (bench/common.py `interleaved`) so machine noise hits both alike.
+"""
+import argparse
+
+import torch
+
+import bitsandbytes.functional as bnbF
+from common import interleaved
+from quant import dequantize_nf4, quantize_nf4, vectorwise_quantize
+
+SHAPES = [(4096, 4096), (576, 1536)]
+
+
+def cases(weight):
+    """(operation, ours, bitsandbytes) triples for one weight."""
+    packed, state = quantize_nf4(weight)
+    ref_packed, ref_state = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    packed_dq, state_dq = quantize_nf4(weight, double_quant=True)
+    ref_packed_dq, ref_state_dq = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    return [
+        ("quantize nf4", lambda: quantize_nf4(weight),
+         lambda: bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4")),
+        ("dequantize nf4", lambda: dequantize_nf4(packed, state),
+         lambda: bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4")),
+        ("dequantize nf4 + double quant", lambda: dequantize_nf4(packed_dq, state_dq),
+         lambda: bnbF.dequantize_4bit(ref_packed_dq, ref_state_dq, quant_type="nf4")),
+        ("int8 vectorwise quantize", lambda: vectorwise_quantize(weight),
+         lambda: bnbF.int8_vectorwise_quant(weight)),
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per operation (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 weights, blocksize 64")
+    print("| weight | operation | ours (ms) | bitsandbytes (ms) | ours / bnb |\n|---|---|---|---|---|")
+    for shape in SHAPES:
+        weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+        for name, ours, theirs in cases(weight):
+            times = interleaved({"ours": ours, "bnb": theirs}, repeats=args.repeats)
+            print(f"| {shape[0]}x{shape[1]} | {name} | {times['ours'] * 1e3:.2f} | {times['bnb'] * 1e3:.2f} "
+                  f"| {times['ours'] / times['bnb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Datasets for train.py and eval.py: read the splits, check the columns, turn rows into token ids.
+
+A dataset is a Hub name (read with `datasets.load_dataset`) or a local folder of split files
+(`train.jsonl`, `validation.csv`, `test.parquet`, ...) or one file (used as the train split).
+Columns are the Hub's: `text` + `label` for classification, `question` + `answer` (GSM8K) or
+`document` + `summary` (XSum) for prompt/answer pairs, `text` alone for plain language modelling.
+
+Tasks:
+    seq-cls          text -> label through the model's classification head
+    generate-label   a decoder reads "Review: <text>\\nSentiment:" and must say the label word;
+                     the loss covers the answer tokens only
+    causal-lm        prompt/answer pairs with the loss on the answer, or plain text
+"""
+import csv
+import json
+import random
+from pathlib import Path
+
+TASKS = ("seq-cls", "generate-label", "causal-lm")
+TEXT_COLUMNS = ("text", "sentence", "review", "content")
+PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "completion"))
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+LABEL_PROMPT = "Review: {text}\nSentiment:"
+PAIR_PROMPTS = {"question": "Question: {}\nAnswer: ", "document": "{}\nSummary: ", "prompt": "{}"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as asked; the message says why."""
+
+
+def read_file(path):
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".json" and f.read(1) == "[":
+                f.seek(0)
+                return json.load(f)
+            f.seek(0)
+            rows = []
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            return rows
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # comes with `datasets`
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
+
+
+def load_splits(dataset):
+    """{split name: list of row dicts} from a local folder/file or a Hub dataset name."""
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in FORMATS)
+        if not files:
+            raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
+        return {p.stem: read_file(p) for p in files}
+    if path.is_file():
+        return {"train": read_file(path)}
+    if path.suffix in FORMATS or str(dataset).startswith((".", "/", "~")) or str(dataset).count("/") > 1:
+        raise DataError(f"dataset {dataset!r}: no such file or folder")
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(str(dataset))
+    except Exception as e:  # reported with its reason, not swallowed
+        raise DataError(f"could not load dataset {dataset!r} from the Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a local folder of "
+                        f"{'/'.join(FORMATS)} split files instead") from None
+    return {name: list(split) for name, split in loaded.items()}
+
+
+def pick_split(splits, wanted, fallbacks):
+    for name in (wanted, *fallbacks) if wanted else fallbacks:
+        if name and name in splits:
+            return name
+    if wanted:
+        raise DataError(f"split {wanted!r} not found; the dataset has {', '.join(splits)}")
+    return None
+
+
+def columns_of(rows):
+    return set(rows[0]) if rows else set()
+
+
+def text_column(rows):
+    cols = columns_of(rows)
+    return next((c for c in TEXT_COLUMNS if c in cols), None)
+
+
+def pair_columns(rows):
+    cols = columns_of(rows)
+    return next(((p, a) for p, a in PAIR_COLUMNS if p in cols and a in cols), None)
+
+
+def infer_task(rows, is_decoder):
+    """seq-cls for labelled text, causal-lm for pairs or plain text (decoders only)."""
+    cols = columns_of(rows)
+    if "label" in cols and text_column(rows):
+        return "seq-cls"
+    if is_decoder and (pair_columns(rows) or text_column(rows)):
+        return "causal-lm"
+    raise DataError(f"cannot infer the task from columns {sorted(cols)}; pass --task")
+
+
+def check_rows(rows, task, split):
+    """Raise a DataError naming the problem if `rows` cannot serve `task`."""
+    if not rows:
+        raise DataError(f"split {split!r} is empty")
+    cols = columns_of(rows)
+    if task in ("seq-cls", "generate-label"):
+        missing = [c for c in ("label",) if c not in cols] + ([] if text_column(rows) else ["text"])
+        if missing:
+            raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
+                            f"it has {', '.join(sorted(cols))}")
+    elif task == "causal-lm":
+        if not pair_columns(rows) and not text_column(rows):
+            raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "
+                            f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); it has {', '.join(sorted(cols))}")
+    else:
+        raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def label_names(rows_by_split):
+    """Sorted distinct labels over all splits; ints must be 0..K-1."""
+    labels = {row["label"] for rows in rows_by_split for row in rows}
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        return list(range(max(labels) + 1))
+    return sorted(map(str, labels))
+
+
+def label_ids(rows, names, split):
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for number, row in enumerate(rows):
+        label = row["label"]
+        key = label if isinstance(label, int) else str(label)
+        if key not in index:
+            raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
+                            f"(expected one of {names})")
+        ids.append(index[key])
+    return ids
+
+
+def subsample(rows, n, seed):
+    """A fixed random subset of n rows (all rows when n is None or larger)."""
+    if n is None or n >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, n)
+
+
+def encode_classification(rows, tokenizer, max_length, names, split):
+    texts = [str(r[text_column(rows)]) for r in rows]
+    ids = tokenizer(texts, padding=False, truncation=True, max_length=max_length, return_tensors=None)["input_ids"]
+    return [{"input_ids": x, "label": y} for x, y in zip(ids, label_ids(rows, names, split))]
+
+
+def encode_prompt_answer(prompt_ids, answer_ids, max_length):
+    """input_ids = prompt + answer, labels = -100 on the prompt; the prompt is cut from the left to fit."""
+    answer_ids = answer_ids[:max_length]
+    keep = max_length - len(answer_ids)
+    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+    return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def label_prompt(text):
+    return LABEL_PROMPT.format(text=text)
+
+
+def encode_generate_label(rows, tokenizer, max_length, words, names, split):
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for row, y in zip(rows, label_ids(rows, names, split)):
+        prompt = tokenizer.encode(label_prompt(row[text_column(rows)]))
+        example = encode_prompt_answer(prompt, tokenizer.encode(" " + words[y], add_special_tokens=False) + eos,
+                                       max_length)
+        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - 8):]})
+    return examples
+
+
+def pair_prompt(rows, row):
+    prompt_col, _ = pair_columns(rows)
+    return PAIR_PROMPTS[prompt_col].format(row[prompt_col])
+
+
+def encode_causal_lm(rows, tokenizer, max_length):
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pair = pair_columns(rows)
+    examples = []
+    for row in rows:
+        if pair:
+            prompt = tokenizer.encode(pair_prompt(rows, row))
+            answer = tokenizer.encode(str(row[pair[1]]), add_special_tokens=False) + eos
+            examples.append({**encode_prompt_answer(prompt, answer, max_length), "prompt_ids": prompt,
+                             "reference": str(row[pair[1]])})
+        else:
+            ids = tokenizer.encode(str(row[text_column(rows)]))[:max_length]
+            examples.append({"input_ids": ids, "labels": list(ids)})
+    return examples
+
+
+def collate(examples, pad_id, side="right"):
+    """Pad a list of encoded examples into tensors: input_ids, attention_mask, labels (if any)."""
+    import torch
+
+    T = max(len(e["input_ids"]) for e in examples)
+
+    def pad(seq, value):
+        fill = [value] * (T - len(seq))
+        return fill + seq if side == "left" else seq + fill
+
+    batch = {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+             "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
+    elif "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch

@@ -1,0 +1,143 @@
+"""Evaluate a base model, adapters or merged models on a dataset, and print one comparison table.
+
+    python eval.py --model minilm-l6 --dataset ../shared/data/rotten_tomatoes --adapters base runs/a/adapter runs/b/adapter
+    python eval.py --model smollm2-135m --dataset ../shared/data/bbc_news --window 512      (perplexity)
+    python eval.py --model minilm-l6 --adapters runs/a/adapter --predict "a great film" "a dull film"
+    python eval.py --model smollm2-135m --generate "The capital of France is"
+
+Each entry of --adapters is `base` (the model alone) or an adapter folder (LoRA or prompt tuning, in
+peft's format); --merge folds LoRA adapters into the weights first. Classification: accuracy and F1;
+prompt/answer pairs: perplexity of the answers (and ROUGE with --rouge); plain text: perplexity
+over sliding windows of --window tokens advancing by --stride. Results: a Markdown table and JSON.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+from evaluation import classification_probabilities, evaluate, perplexity_of_texts
+from lora import load_adapter, merge_and_unload
+from lora.adapters import AdapterError
+from models import LoadError, Tokenizer, generate, load_model
+from models.loading import read_config, resolve
+
+DECODERS = ("gpt2", "llama", "qwen2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: folder, fetched name, alias or Hub id")
+    p.add_argument("--adapters", nargs="+", default=["base"], help="'base' and/or adapter folders, one table column each")
+    p.add_argument("--merge", action="store_true", help="merge each LoRA adapter into the weights before evaluating")
+    p.add_argument("--dataset", default=None, help="Hub name or local folder/file (see train.py)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
+    p.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
+    p.add_argument("--samples", type=int, default=None, help="random subset of the split")
+    p.add_argument("--seed", type=int, default=0, help="seed for the subset")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    p.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id")
+    p.add_argument("--rouge", action="store_true", help="prompt/answer pairs: ROUGE of greedy generations")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (ROUGE, --generate)")
+    p.add_argument("--window", type=int, default=None, help="plain text: perplexity window in tokens (default: --max-length)")
+    p.add_argument("--stride", type=int, default=None, help="plain text: window advance (default: window / 2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
+    p.add_argument("--predict", nargs="+", default=None, metavar="TEXT", help="print softmax probabilities per label for these texts")
+    p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
+    p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if not (args.dataset or args.predict or args.generate):
+        p.error("pass --dataset, --predict or --generate")
+    return args
+
+
+def load_variant(args, folder, model_task, num_labels, entry):
+    """The base model with one adapter (or none) applied, optionally merged."""
+    model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype))
+    if entry == "base":
+        return model, tokenizer
+    model = load_adapter(model, entry, adapter_name="default")
+    if args.merge and not hasattr(model, "prompt_embeddings"):
+        model = merge_and_unload(model)
+    return model.eval(), tokenizer
+
+
+def label_of(entry, merge):
+    if entry == "base":
+        return "base"
+    path = Path(entry)
+    return (path.parent.name if path.name == "adapter" else path.name) + (" (merged)" if merge else "")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    folder = resolve(args.model)
+    cfg = read_config(folder)
+    is_decoder = cfg["model_type"] in DECODERS
+    results = {}
+    if args.generate:
+        model, tok = load_variant(args, folder, "causal-lm", 2, args.adapters[0])
+        tok.padding_side = "left"
+        batch = tok(args.generate)
+        out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:]):
+            print(f"{prompt!r} -> {tok.decode(row)!r}")
+        return {}
+    if args.predict:
+        model, tok = load_variant(args, folder, "seq-cls", args.num_labels, args.adapters[0])
+        examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
+                                                       max_length=args.max_length, return_tensors=None)["input_ids"]]
+        probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
+        for text, row in zip(args.predict, probs.tolist()):
+            print(json.dumps({"text": text, "probabilities": [round(p, 4) for p in row]}))
+        return {}
+
+    splits = data.load_splits(args.dataset)
+    split = data.pick_split(splits, args.split, ("test", "validation", "train"))
+    rows = data.subsample(splits[split], args.samples, args.seed)
+    task = args.task or data.infer_task(rows, is_decoder)
+    data.check_rows(rows, task, split)
+    tokenizer = Tokenizer.from_folder(folder, cfg)
+    names = data.label_names([rows]) if task != "causal-lm" else None
+    words = [w.strip() for w in args.label_words.split(",")] if task == "generate-label" else None
+    plain_text = task == "causal-lm" and not data.pair_columns(rows)
+    if task == "seq-cls":
+        examples = data.encode_classification(rows, tokenizer, args.max_length, names, split)
+    elif task == "generate-label":
+        examples = data.encode_generate_label(rows, tokenizer, args.max_length, words, names, split)
+    elif not plain_text:
+        examples = data.encode_causal_lm(rows, tokenizer, args.max_length)
+    model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
+    for entry in args.adapters:
+        model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)
+        if plain_text:
+            window = args.window or args.max_length
+            texts = [str(r[data.text_column(rows)]) for r in rows]
+            result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2))
+        else:
+            result = evaluate(model, examples, task, tok, args.batch_size, words, args.rouge, args.max_new_tokens,
+                              desc=f"eval {entry}")
+        results[label_of(entry, args.merge)] = result
+    keys = list(next(iter(results.values())))
+    print(f"\n{args.model} on {args.dataset} [{split}, {len(rows)} rows, {task}]\n")
+    print("| metric | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{r[k]:.4f}" for r in results.values()) + " |")
+    print(json.dumps(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LoadError, AdapterError, data.DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,134 @@
+"""Run a model over encoded examples and score it: shared by train.py (before/after, every N steps) and eval.py.
+
+    seq-cls          accuracy, F1 (macro; binary too for 2 classes), loss
+    generate-label   the same, predicting the label word with the highest log-likelihood
+                     log p(word | prompt) = sum over the word's tokens of log softmax(logits)[token]
+    causal-lm        loss and perplexity = exp(sum NLL / number of answer tokens) (token-weighted);
+                     with `rouge=True` also ROUGE-1/2/L of greedy generations against the references
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import metrics
+from data import collate
+from models import generate
+
+
+def next_token_nll(model, batch):
+    """(sum of next-token NLL over labelled positions, their count); logits only where labels exist."""
+    targets = batch["labels"][:, 1:]
+    keep = F.pad(targets != -100, (0, 1))  # (B, T): positions whose next token carries a label
+    logits = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep)  # (n, vocab)
+    return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum"), int(keep.sum())
+
+
+def batches(examples, batch_size, pad_id, side="right", desc=None):
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
+        yield collate(examples[start:start + batch_size], pad_id, side)
+
+
+@torch.no_grad()
+def classification_probabilities(model, examples, batch_size, pad_id, desc=None):
+    """Softmax over the labels for each example: (N, num_labels)."""
+    model.eval()
+    probs = [model(b["input_ids"], b["attention_mask"]).float().softmax(-1) for b in batches(examples, batch_size, pad_id, desc=desc)]
+    return torch.cat(probs)
+
+
+@torch.no_grad()
+def label_word_scores(model, examples, tokenizer, words, batch_size, desc=None):
+    """log p(word | prompt) for every example and label word: (N, num_labels)."""
+    model.eval()
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    word_ids = [tokenizer.encode(" " + w, add_special_tokens=False) + eos for w in words]
+    scores = torch.empty(len(examples), len(words))
+    for k, ids in enumerate(word_ids):
+        candidates = [{"input_ids": e["prompt_ids"] + ids, "labels": [-100] * len(e["prompt_ids"]) + ids}
+                      for e in examples]
+        for start in range(0, len(candidates), batch_size):
+            batch = collate(candidates[start:start + batch_size], tokenizer.pad_token_id)
+            targets = batch["labels"][:, 1:]
+            keep = F.pad(targets != -100, (0, 1))  # (B, T): positions that predict a word token
+            logp = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep).float().log_softmax(-1)
+            token_logp = logp.gather(-1, targets[keep[:, :-1]][:, None])[:, 0]  # (n,)
+            rows = keep.nonzero()[:, 0]
+            B = len(batch["labels"])
+            scores[start:start + B, k] = torch.zeros(B).index_add_(0, rows, token_logp)
+    return scores
+
+
+def classification_metrics(probs_or_scores, labels, loss=None):
+    predictions = probs_or_scores.argmax(-1).tolist()
+    result = metrics.f1_scores(predictions, labels)
+    if loss is not None:
+        result["loss"] = loss
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=64, desc=None):
+    """Metrics of `model` on encoded `examples` for `task` (see the module docstring)."""
+    model.eval()
+    if task == "seq-cls":
+        probs = classification_probabilities(model, examples, batch_size, tokenizer.pad_token_id, desc)
+        labels = [e["label"] for e in examples]
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(labels)).item()
+        return classification_metrics(probs, labels, loss)
+    if task == "generate-label":
+        scores = label_word_scores(model, examples, tokenizer, words, batch_size, desc)
+        return classification_metrics(scores, [e["label"] for e in examples])
+    total, count = 0.0, 0
+    for batch in batches(examples, batch_size, tokenizer.pad_token_id, desc=desc):
+        nll, n = next_token_nll(model, batch)
+        total, count = total + nll.item(), count + n
+    result = {"loss": total / max(count, 1), "perplexity": metrics.perplexity(total, count)}
+    if rouge and "reference" in examples[0]:
+        predictions = generate_answers(model, examples, tokenizer, batch_size, max_new_tokens)
+        result.update(metrics.rouge_corpus(predictions, [e["reference"] for e in examples]))
+    return result
+
+
+@torch.no_grad()
+def generate_answers(model, examples, tokenizer, batch_size, max_new_tokens):
+    """Greedy continuations of each example's prompt, decoded (left padding for the batch)."""
+    texts = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [{"input_ids": e["prompt_ids"]} for e in examples[start:start + batch_size]]
+        batch = collate(prompts, tokenizer.pad_token_id, side="left")
+        out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
+    return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def sliding_window_perplexity(model, token_ids, window, stride):
+    """Perplexity of one long token sequence with overlapping windows (each token scored once).
+
+    Each window of `window` tokens scores only its last `stride` new tokens (the first window
+    scores all), so every scored token sees up to window - stride tokens of context.
+    """
+    model.eval()
+    ids = torch.tensor(token_ids)[None]
+    total, count, scored_until = 0.0, 0, 0
+    for start in range(0, max(len(token_ids) - 1, 1), stride):
+        end = min(start + window, len(token_ids))
+        chunk = ids[:, start:end]
+        labels = chunk.clone()
+        labels[:, : max(scored_until - start, 0)] = -100  # tokens an earlier window already scored
+        nll, n = next_token_nll(model, {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": labels})
+        total, count, scored_until = total + nll.item(), count + n, end
+        if end == len(token_ids):
+            break
+    return total, count
+
+
+def perplexity_of_texts(model, tokenizer, texts, window, stride):
+    total, count = 0.0, 0
+    for text in texts:
+        nll, n = sliding_window_perplexity(model, tokenizer.encode(text), window, stride)
+        total, count = total + nll, count + n
+    return {"loss": total / max(count, 1), "perplexity": math.exp(total / max(count, 1))}

@@ -1,0 +1,378 @@
+"""Putting LoRA adapters into a model, switching between them, and saving them in peft's file format.
+
+apply_lora(model, LoraConfig(...)) replaces every target linear layer by a LoRALinear that wraps it
+(lora/layer.py holds the math) and freezes everything except the adapter and the modules to save
+(the classification head, which a new task needs to train). Targets are matched by name as peft
+does: a list entry matches a module whose name equals it or ends with "." + it; a string is a regex
+that must match the whole name.
+
+Several adapters live in one model under their names; one is active at a time. Files:
+    adapter_config.json          peft's LoraConfig fields (peft_type "LORA")
+    adapter_model.safetensors    base_model.model.<path>.lora_A.weight, ...lora_B.weight,
+                                 ...lora_magnitude_vector (DoRA), base_model.model.<head>.weight
+so `peft.PeftModel.from_pretrained(transformers_model, folder)` loads what we save and the reverse.
+"""
+import copy
+import json
+import re
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layer import LoRALinear
+
+DEFAULT_TARGETS = {  # peft's defaults, and DistilBERT's (peft has none)
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter config or file that does not fit the model; the message names the problem."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list | str | None = None  # None: the architecture's default (DEFAULT_TARGETS)
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"  # or "gaussian"
+    modules_to_save: list | None = None  # None: the classification head of a seq-cls model
+    extra: dict = field(default_factory=dict, repr=False)  # fields of a loaded peft config we carry along
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+def is_linear(module):
+    return isinstance(module, (nn.Linear, LoRALinear)) or type(module).__name__ == "Conv1D" \
+        or hasattr(module, "dequantized_weight")
+
+
+class ModulesToSave(nn.Module):
+    """A module trained per adapter (a task head): a trainable copy of the original for each adapter."""
+
+    def __init__(self, original_module):
+        super().__init__()
+        self.original_module = original_module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter, self.disabled = None, False
+
+    def add(self, name):
+        self.modules_to_save[name] = copy.deepcopy(self.original_module).requires_grad_(True)
+
+    def set_adapter(self, name):
+        self.active_adapter = name if name in self.modules_to_save else None
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key == name)
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+
+def model_type(model):
+    return getattr(model, "config", {}).get("model_type", "unknown")
+
+
+def lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def heads(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def linear_layer_names(model):
+    """Names of the linear layers LoRA can target, not counting those inside adapters."""
+    wrappers = [name + "." for name, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+    return [name for name, m in model.named_modules()
+            if is_linear(m) and not any(name.startswith(w) for w in wrappers)]
+
+
+def matches(name, targets):
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def default_heads(model):
+    """The classification head a seq-cls model must train: everything the checkpoint may lack but the pooler."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return []
+    return [n for n in model.new_head_names if not n.endswith("pooler")]
+
+
+def apply_lora(model, config=None, adapter_name="default"):
+    """Add a LoRA adapter named `adapter_name` to `model` (in place) and return the model.
+
+    The first adapter becomes active and only it (and its modules to save) stays trainable; later
+    adapters are added inactive, as in peft; switch with set_adapter.
+    """
+    config = config or LoraConfig()
+    registry = getattr(model, "peft_config", {})
+    if adapter_name in registry:
+        raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    targets = config.target_modules or DEFAULT_TARGETS.get(model_type(model))
+    if not targets:
+        raise AdapterError(f"no default target modules for model type {model_type(model)!r}; pass target_modules")
+    available = linear_layer_names(model)
+    chosen = [name for name in available if matches(name, targets)]
+    if not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in available})
+        raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "
+                           f"its linear layers are named: {', '.join(suffixes)}")
+    if not registry:
+        model.requires_grad_(False)
+    for name in chosen:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            model.set_submodule(name, layer)
+        layer.add_adapter(adapter_name, config.r, config.alpha, config.dropout, config.use_rslora,
+                          config.use_dora, config.init)
+    save = default_heads(model) if config.modules_to_save is None else config.modules_to_save
+    for name in [n for n, _ in model.named_modules() if save and matches(n, save)]:
+        head = model.get_submodule(name)
+        if not isinstance(head, ModulesToSave):
+            head = ModulesToSave(head)
+            model.set_submodule(name, head)
+        head.add(adapter_name)
+    config = copy.deepcopy(config)
+    config.target_modules, config.modules_to_save = targets, list(save)
+    model.peft_config = {**registry, adapter_name: config}
+    set_adapter(model, getattr(model, "active_adapter", None) or adapter_name)
+    return model
+
+
+def _check_adapter(model, name):
+    if name not in getattr(model, "peft_config", {}):
+        raise AdapterError(f"no adapter named {name!r}; the model has {list(getattr(model, 'peft_config', {}))}")
+
+
+def set_adapter(model, name):
+    """Make `name` the active (and only trainable) adapter."""
+    _check_adapter(model, name)
+    for _, layer in lora_layers(model):
+        layer.set_adapter([name] if name in layer.lora_A else [])
+    for _, head in heads(model):
+        head.set_adapter(name)
+    model.active_adapter = name
+
+
+@contextmanager
+def disable_adapters(model):
+    """Within the block the model is the base model: no adapter, original heads."""
+    with ExitStack() as stack:
+        for _, layer in lora_layers(model):
+            stack.enter_context(layer.disable_adapters())
+        for _, head in heads(model):
+            head.disabled = True
+            stack.callback(setattr, head, "disabled", False)
+        yield model
+
+
+def delete_adapter(model, name):
+    _check_adapter(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.delete_adapter(name)
+    for _, head in heads(model):
+        if name in head.modules_to_save:
+            del head.modules_to_save[name]
+            head.set_adapter(head.active_adapter if head.active_adapter != name else None)
+    del model.peft_config[name]
+    if model.active_adapter == name:
+        model.active_adapter = next(iter(model.peft_config), None)
+        if model.active_adapter:
+            set_adapter(model, model.active_adapter)
+
+
+def merge_adapter(model, safe=True):
+    """Fold the active adapter into the base weights (kept wrapped, so unmerge_adapter can undo it)."""
+    for _, layer in lora_layers(model):
+        layer.merge(safe=safe)
+
+
+def unmerge_adapter(model):
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model, adapter_name=None, safe=True):
+    """Merge one adapter into the base weights and remove every adapter: a plain model again."""
+    if adapter_name is not None:
+        set_adapter(model, adapter_name)
+    for name, layer in lora_layers(model):
+        layer.merge(safe=safe)
+        model.set_submodule(name, layer.base_layer)
+    for name, head in heads(model):
+        model.set_submodule(name, head.modules_to_save[head.active_adapter] if head.active_adapter else head.original_module)
+    model.peft_config, model.active_adapter = {}, None
+    return model
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model):
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# ---- files in peft's format ------------------------------------------------------------------------
+
+def task_type(model):
+    kind = type(model).__name__
+    return "SEQ_CLS" if kind.endswith("ForSequenceClassification") else "CAUSAL_LM" if kind.endswith(("LMHeadModel", "ForCausalLM")) else None
+
+
+def lora_state_to_peft(state, adapter_name, head_names):
+    """Our in-memory names -> the names peft writes in adapter_model.safetensors."""
+    out = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.{adapter_name}.weight", f".{part}.weight")
+        key = key.replace(f".lora_magnitude_vector.{adapter_name}.weight", ".lora_magnitude_vector")
+        for head in head_names:
+            key = key.replace(f"{head}.modules_to_save.{adapter_name}.", f"{head}.")
+        out[PREFIX + key] = value
+    return out
+
+
+def peft_key_to_ours(key, adapter_name, head_names):
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for part in ("lora_A", "lora_B"):
+        if key.endswith(f".{part}.weight"):
+            return key[: -len(".weight")] + f".{adapter_name}.weight"
+    if key.endswith(".lora_magnitude_vector"):
+        return key + f".{adapter_name}.weight"
+    for head in head_names:
+        if key.startswith(head + "."):
+            return f"{head}.modules_to_save.{adapter_name}." + key[len(head) + 1:]
+    return key
+
+
+def adapter_state(model, adapter_name):
+    """The tensors of one adapter: its LoRA factors, magnitudes and head copies (our names)."""
+    keep = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.", f".lora_magnitude_vector.{adapter_name}.",
+            f".modules_to_save.{adapter_name}.")
+    return {k: v for k, v in model.state_dict().items() if any(part in k for part in keep)}
+
+
+def save_adapter(model, folder, adapter_name=None):
+    """Write adapter_config.json and adapter_model.safetensors (peft's layout) for one adapter."""
+    if hasattr(model, "prompt_embeddings"):
+        return model.save(folder, adapter_name)
+    adapter_name = adapter_name or model.active_adapter
+    _check_adapter(model, adapter_name)
+    config = model.peft_config[adapter_name]
+    head_names = [name for name, _ in heads(model)]
+    state = lora_state_to_peft(adapter_state(model, adapter_name), adapter_name, head_names)
+    peft_config = {
+        **config.extra, "peft_type": "LORA", "task_type": task_type(model),
+        "base_model_name_or_path": getattr(model, "name_or_path", None), "r": config.r,
+        "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": config.target_modules,
+        "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+        "init_lora_weights": True if config.init == "kaiming" else config.init,
+        "modules_to_save": config.modules_to_save or None, "bias": "none", "inference_mode": True,
+        "fan_in_fan_out": model_type(model) == "gpt2",
+    }
+    write_adapter_files(folder, peft_config, state)
+
+
+def write_adapter_files(folder, config, state):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    with open(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_adapter_files(folder):
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    with open(folder / CONFIG_FILE, encoding="utf-8") as f:
+        config = json.load(f)
+    return config, load_file(str(folder / WEIGHTS_FILE))
+
+
+def config_from_peft(peft):
+    for key in ("rank_pattern", "alpha_pattern"):
+        if peft.get(key):
+            raise AdapterError(f"adapter_config.json uses {key}, which this project does not support")
+    if peft.get("bias", "none") != "none":
+        raise AdapterError(f"adapter_config.json trains biases (bias={peft['bias']!r}); only 'none' is supported")
+    init = peft.get("init_lora_weights", True)
+    ours = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "modules_to_save",
+            "init_lora_weights", "peft_type", "task_type", "base_model_name_or_path", "bias", "inference_mode",
+            "fan_in_fan_out"}
+    return LoraConfig(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+                      target_modules=peft.get("target_modules"), use_rslora=peft.get("use_rslora", False),
+                      use_dora=peft.get("use_dora", False), init="gaussian" if init == "gaussian" else "kaiming",
+                      modules_to_save=peft.get("modules_to_save") or [],
+                      extra={k: v for k, v in peft.items() if k not in ours and v not in (None, {}, [])})
+
+
+def load_state_strict(model, state, folder):
+    """Copy `state` (our names) into the model, naming the first tensor that is unknown or misshaped."""
+    ours = model.state_dict()
+    for key, value in state.items():
+        if key not in ours:
+            raise AdapterError(f"{folder}: tensor {key} has no place in this model (wrong base model or targets?)")
+        if value.shape != ours[key].shape:
+            raise AdapterError(f"{folder}: tensor {key} has shape {tuple(value.shape)}, "
+                               f"the model expects {tuple(ours[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            ours[key].copy_(value)
+
+
+def load_adapter(model, folder, adapter_name="default"):
+    """Load an adapter saved by peft or by save_adapter, under `adapter_name`; returns the model.
+
+    LoRA adapters are added in place (the first one becomes active); a prompt-tuning adapter
+    returns a new PromptTuningModel wrapping `model`.
+    """
+    peft, tensors = read_adapter_files(folder)
+    kind = peft.get("peft_type")
+    if kind == "PROMPT_TUNING":
+        from .prompt_tuning import load_prompt_adapter
+
+        return load_prompt_adapter(model, peft, tensors, folder, adapter_name)
+    if kind != "LORA":
+        raise AdapterError(f"{folder}: peft_type {kind!r} is not supported (LORA or PROMPT_TUNING)")
+    apply_lora(model, config_from_peft(peft), adapter_name)
+    head_names = [name for name, _ in heads(model)]
+    state = {peft_key_to_ours(k, adapter_name, head_names): v for k, v in tensors.items()}
+    expected = set(adapter_state(model, adapter_name))
+    missing = sorted(k for k in expected - set(state) if ".modules_to_save." not in k)
+    try:
+        if missing:
+            raise AdapterError(f"{folder}: adapter lacks {len(missing)} tensor(s) its config needs, e.g. {missing[0]}")
+        load_state_strict(model, state, folder)
+    except AdapterError:
+        delete_adapter(model, adapter_name)  # leave the model as it was
+        raise
+    return model

@@ -1,0 +1,240 @@
+"""Frozen quantized linear layers (QLoRA's NF4 base layer, LLM.int8()) and whole-model conversion.
+
+    Linear4bit:  y = x Ŵᵀ + b,  Ŵ = dequantize_nf4(W_nf4)   dequantized on every call, in compute_dtype
+    Linear8bit:  y = int8_linear(x, W_i8, c_w, b)            LLM.int8() with outlier decomposition
+
+Both keep only the compact quantized weight (buffers, so state_dict works) and a frozen bias, and
+are built from an nn.Linear or a GPT-2 style Conv1D (weight stored (in, out), y = x·W + b).
+Backward never needs a full-precision weight to be stored: dL/dx = dL/dy · Ŵ is computed with a
+freshly dequantized Ŵ (QLoRA's memory saving: only the adapters hold trainable float weights).
+
+backend="bnb" runs the same format through bitsandbytes' kernels (imported only then), which
+makes the two implementations interchangeable for testing.
+"""
+import math
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
+from .nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize, dequantize_nf4, quantize_nf4
+
+BACKENDS = ("ours", "bnb")
+
+
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D (which stores it as (in, out))."""
+    if type(linear).__name__ == "Conv1D":
+        return linear.weight.detach().t()
+    if isinstance(linear, nn.Linear):
+        return linear.weight.detach()
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = layer.matmul(x), with dL/dx = dL/dy · Ŵ from a re-dequantized Ŵ (nothing is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ ctx.layer.dequantized_weight().to(grad_y.dtype), None
+
+
+class _QuantizedLinear(nn.Module):
+    """Shared plumbing: frozen bias, compute dtype, forward through _QuantizedMatmul."""
+
+    def __init__(self, in_features, out_features, bias, compute_dtype, backend):
+        super().__init__()
+        _check_backend(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.backend = compute_dtype, backend
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, compute_dtype=torch.float32, **options):
+        """Quantize an nn.Linear or Conv1D; options: blocksize, double_quant (4-bit) or threshold
+        (8-bit), and backend ("ours" or "bnb")."""
+        weight = linear_weight(linear)  # (out, in)
+        layer = cls(weight.shape[1], weight.shape[0], linear.bias is not None, compute_dtype, **options)
+        layer.requantize_(weight)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().to(compute_dtype).clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        y = _QuantizedMatmul.apply(x.to(self.compute_dtype), self)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class Linear4bit(_QuantizedLinear):
+    """NF4 weight, blockwise absmax (optionally double-quantized), dequantized per forward.
+
+    Buffers: weight_packed (out·in / 2, 1) uint8; absmax (n_blocks,) float32, or uint8 codes with
+    nested_absmax (ceil(n_blocks / 256),) float32 and absmax_offset () float32 when double_quant.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, compute_dtype=torch.float32,
+                 blocksize=64, double_quant=False, backend="ours"):
+        super().__init__(in_features, out_features, bias, compute_dtype, backend)
+        numel = in_features * out_features
+        check_blocksize(numel, blocksize)
+        self.blocksize, self.double_quant = blocksize, double_quant
+        n_blocks = numel // blocksize
+        self.register_buffer("weight_packed", torch.zeros(numel // 2, 1, dtype=torch.uint8))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if double_quant else torch.float32))
+        nested = torch.zeros(math.ceil(n_blocks / NESTED_BLOCKSIZE)) if double_quant else None
+        self.register_buffer("nested_absmax", nested)
+        self.register_buffer("absmax_offset", torch.zeros(()) if double_quant else None)
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the NF4 quantization of `weight` (out, in)."""
+        if self.backend == "bnb":
+            packed, state = _bnb_quantize_4bit(weight, self.blocksize, self.double_quant)
+        else:
+            packed, state = quantize_nf4(weight, self.blocksize, self.double_quant)
+        self.weight_packed, self.absmax = packed, state.absmax
+        if self.double_quant:
+            self.nested_absmax, self.absmax_offset = state.nested_absmax, state.offset
+
+    @property
+    def state(self) -> NF4State:
+        shape = torch.Size((self.out_features, self.in_features))
+        return NF4State(self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, self.absmax_offset)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Ŵ (out, in) in compute_dtype."""
+        if self.backend == "bnb":
+            return _bnb_dequantize_4bit(self.weight_packed, self.state)
+        return dequantize_nf4(self.weight_packed, self.state)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"backend={self.backend}")
+
+
+class Linear8bit(_QuantizedLinear):
+    """LLM.int8() weight: weight_int8 (out, in) int8 and weight_absmax (out,) float32 row scales."""
+
+    def __init__(self, in_features, out_features, bias=True, compute_dtype=torch.float32,
+                 threshold=6.0, backend="ours"):
+        super().__init__(in_features, out_features, bias, compute_dtype, backend)
+        self.threshold = threshold
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_absmax", torch.zeros(out_features))
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the vector-wise int8 quantization of `weight` (out, in)."""
+        if self.backend == "bnb":
+            import bitsandbytes.functional as bnb_functional
+
+            self.weight_int8, self.weight_absmax, _ = bnb_functional.int8_vectorwise_quant(weight.contiguous())
+        else:
+            self.weight_int8, self.weight_absmax, _ = vectorwise_quantize(weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Ŵ = W_i8 · c_w / 127, (out, in) in compute_dtype."""
+        return vectorwise_dequantize(self.weight_int8, self.weight_absmax).to(self.compute_dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        x_2d = x.reshape(-1, self.in_features)
+        if self.backend == "bnb":
+            y = _bnb_int8_linear(x_2d, self.weight_int8, self.weight_absmax, self.threshold)
+        else:
+            y = int8_linear(x_2d, self.weight_int8, self.weight_absmax, threshold=self.threshold)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"threshold={self.threshold}, compute_dtype={self.compute_dtype}, backend={self.backend}")
+
+
+# ---- bitsandbytes backend: same storage format, bitsandbytes' kernels ---------------------------
+
+def _bnb_quantize_4bit(weight, blocksize, double_quant):
+    import bitsandbytes.functional as bnb_functional
+
+    packed, qs = bnb_functional.quantize_4bit(weight.contiguous(), blocksize=blocksize, quant_type="nf4",
+                                              compress_statistics=double_quant)
+    nested_absmax = qs.state2.absmax if double_quant else None
+    return packed, NF4State(qs.absmax, weight.shape, weight.dtype, blocksize, nested_absmax, qs.offset)
+
+
+def _bnb_dequantize_4bit(packed, state):
+    import bitsandbytes.functional as bnb_functional
+
+    nested = None
+    if state.double_quant:
+        nested = bnb_functional.QuantState(absmax=state.nested_absmax, code=DYNAMIC_CODE, blocksize=NESTED_BLOCKSIZE,
+                                           dtype=torch.float32)
+    qs = bnb_functional.QuantState(absmax=state.absmax, shape=state.shape, code=NF4_CODE, blocksize=state.blocksize,
+                                   quant_type="nf4", dtype=state.dtype, offset=state.offset, state2=nested)
+    return bnb_functional.dequantize_4bit(packed, qs)
+
+
+def _bnb_int8_linear(x, weight_int8, weight_absmax, threshold):
+    import bitsandbytes.functional as bnb_functional
+
+    x_int8, x_absmax, outlier_cols = bnb_functional.int8_vectorwise_quant(x.contiguous(), threshold)
+    if threshold > 0:
+        y, _ = torch.ops.bitsandbytes.int8_mixed_scaled_mm(x, x_int8, weight_int8, x_absmax, weight_absmax, outlier_cols)
+        return y
+    return torch.ops.bitsandbytes.int8_scaled_mm(x_int8, weight_int8, x_absmax, weight_absmax, dtype=x.dtype)
+
+
+# ---- whole models ----------------------------------------------------------------------------
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def quantize_model(model: nn.Module, bits: int = 4,
+                   skip=("lm_head", "score", "classifier", "pre_classifier"), **config) -> nn.Module:
+    """Replace every nn.Linear / Conv1D by Linear4bit (bits=4) or Linear8bit (bits=8), in place.
+
+    A module is skipped when an entry of `skip` is a dotted part of its name ("classifier"
+    matches "classifier" and "classifier.out_proj"): task heads stay full precision.
+    `config` goes to from_linear (compute_dtype, blocksize, double_quant, threshold, backend).
+    """
+    layer_cls = {4: Linear4bit, 8: Linear8bit}.get(bits)
+    if layer_cls is None:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if is_linear(child) and not any(f".{s}." in f".{name}." for s in skip):
+                setattr(parent, child_name, layer_cls.from_linear(child, **config))
+    return model
+
+
+def model_bytes(model: nn.Module) -> dict:
+    """Bytes held by the model: quantized weights, their scales, and everything else."""
+    quantized = {name for name, m in model.named_modules() if isinstance(m, _QuantizedLinear)}
+    sizes = {"quantized_weights": 0, "quant_constants": 0, "other_params": 0}
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        if owner not in quantized or attr == "bias":
+            kind = "other_params"
+        else:
+            kind = "quantized_weights" if attr in ("weight_packed", "weight_int8") else "quant_constants"
+        sizes[kind] += tensor.numel() * tensor.element_size()
+    sizes["total"] = sum(sizes.values())
+    return sizes

@@ -1,0 +1,180 @@
+"""NF4: 4-bit NormalFloat blockwise quantization with double quantization.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314).
+
+NormalFloat code (paper section 3)
+----------------------------------
+Pretrained weights are close to N(0, σ²), so the 16 levels are quantiles of a standard normal,
+rescaled to [-1, 1]. To have an exact zero, 8 levels come from the positive half and 7 from the
+negative half (16 codes: 7 negative, 0, 8 positive):
+
+    q⁺_i =  Φ⁻¹(p_i),  p_i = linspace(δ, 1/2, 9)[:8]
+    q⁻_i = -Φ⁻¹(p_i),  p_i = linspace(δ, 1/2, 8)[:7]
+    NF4  = sort(q⁻ ∪ {0} ∪ q⁺) / max(q⁺)
+
+with δ = 0.9677083 ≈ ½((1 - 1/30) + (1 - 1/32)), the mean of the outermost quantile for 15 and
+16 bins, so the extreme levels are not at ±∞.
+
+Blockwise absmax quantization
+-----------------------------
+The flattened weight is cut into blocks of `blocksize` (default 64) consecutive values; each
+block b keeps one float32 scale, its absolute maximum:
+
+    s_b = max_j |w_j|,   c_j = argmin_i |w_j / s_b - NF4_i|   (a tie goes to the lower code)
+    ŵ_j = NF4[c_j] · s_b
+
+Two 4-bit codes share a byte, the first element in the high nibble: byte_k = c_2k << 4 | c_2k+1,
+stored as a (numel / 2, 1) uint8 tensor (bitsandbytes' layout, so the bytes are interchangeable).
+
+Double quantization (paper section 3)
+-------------------------------------
+The fp32 scales cost 32 / 64 = 0.5 bit per weight. QLoRA quantizes them too: subtract their mean
+μ, then quantize s - μ blockwise (256 scales per block) to 8 bits with the signed dynamic code
+of Dettmers 2015 (arXiv:1511.04561, 8-bit approximations): 8/64 + 32/(64·256) ≈ 0.127 bit
+per weight. Dequantization first rebuilds s_b = DYNAMIC[c'_b] · s'_(b // 256) + μ.
+
+bitsandbytes' CPU kernel rounds the 8-bit codes in two steps: x / absmax is first snapped to a
+65536-step grid over [-1, 1], and the grid point is then mapped to its nearest code. We round the
+same way so the bytes match bitsandbytes exactly; it differs from exact nearest rounding only for
+values within 1/65535 of the midpoint between two codes.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256
+
+
+def normal_float_code(offset: float = 0.9677083) -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1], ascending. (16,) float32."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    # float32 quantile points and float32 levels, normalised in float32: reproduces the published table bit for bit
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
+    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
+    return levels / levels.max()
+
+
+def dynamic_code() -> torch.Tensor:
+    """The 256 levels of the signed 8-bit dynamic data type (Dettmers 2015), ascending. (256,) float32.
+
+    Exponent e = 0..6 selects the decade 10^(e-6); the remaining bits split [0.1, 1] of that decade
+    linearly into 2^e steps (one sign bit, then a unary exponent, then the fraction), plus 0 and 1.
+    """
+    levels = [torch.tensor([0.0, 1.0])]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1)
+        midpoints = (edges[:-1] + edges[1:]) / 2
+        levels += [midpoints * 10.0 ** (e - 6), -midpoints * 10.0 ** (e - 6)]
+    return torch.cat(levels).sort().values
+
+
+NF4_CODE = normal_float_code()  # (16,)
+DYNAMIC_CODE = dynamic_code()  # (256,)
+
+# Dequantization gathers four levels (two packed bytes) per index: entry u holds the four float32
+# NF4 levels of the two bytes whose native-endian uint16 value is u. complex128 serves only as a
+# 16-byte container, so a single 1-D index_select moves the four floats' bits untouched. (65536,), 1 MiB
+_byte_pairs = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.uint8).view(65536, 2).long()
+_four_levels = NF4_CODE[torch.stack([_byte_pairs >> 4, _byte_pairs & 15], dim=2)]  # (65536, 2 bytes, 2 nibbles)
+FOUR_LEVELS_BY_UINT16 = _four_levels.reshape(65536, 4).view(torch.complex128).view(-1)
+
+# bitsandbytes' CPU 8-bit rounding: grid point g in [0, 65535] stands for -1 + 2g/65535 and maps to
+# the number of code midpoints strictly below it, i.e. its nearest code (ties to the lower one).
+_GRID = 65535
+_grid_values = -1.0 + (2.0 * torch.arange(_GRID + 1, dtype=torch.float32)) / _GRID
+DYNAMIC_CODE_BY_GRID = torch.searchsorted((DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:]) * 0.5, _grid_values).to(torch.uint8)
+
+
+@dataclass
+class NF4State:
+    """Everything besides the packed codes that dequantization needs.
+
+    absmax         (n_blocks,) float32 block scales; with double quantization the 8-bit codes
+                   of (scale - offset) instead, uint8
+    nested_absmax  (ceil(n_blocks / 256),) float32 scales of those codes (double quant only)
+    offset         () float32, mean of the block scales (double quant only)
+    The nested code table is always DYNAMIC_CODE, with 256 scales per nested block.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    nested_absmax: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def check_blocksize(numel: int, blocksize: int) -> None:
+    if blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"NF4 blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize}")
+    if numel % blocksize:
+        raise ValueError(f"NF4 needs the number of weights ({numel}) to be a multiple of blocksize ({blocksize})")
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """Absmax-scaled 8-bit dynamic-code quantization of a 1-D tensor; the last block may be short.
+
+    Returns (codes (n,) uint8, absmax (ceil(n / blocksize),) float32).
+    """
+    n = x.numel()
+    blocks = torch.nn.functional.pad(x.float(), (0, -n % blocksize)).view(-1, blocksize)  # zeros leave absmax alone
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    grid_index = ((scaled + 1.0) * 0.5 * _GRID + 0.5).int()  # truncation, as the C kernel's cast
+    codes = DYNAMIC_CODE_BY_GRID.to(x.device)[grid_index]
+    codes.masked_fill_((absmax == 0)[:, None], 0)  # bitsandbytes writes code 0 for an all-zero block
+    return codes.view(-1)[:n], absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """Inverse of quantize_blockwise_8bit: DYNAMIC_CODE[codes] * absmax of their block. float32."""
+    scale = absmax.repeat_interleave(blocksize)[: codes.numel()]  # (n,) the scale of each code's block
+    return DYNAMIC_CODE.to(codes.device).index_select(0, codes.int()) * scale
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
+    """Quantize `weight` (any shape, numel a multiple of blocksize) to packed NF4.
+
+    Returns (packed (numel / 2, 1) uint8, NF4State).
+    """
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"NF4 quantization takes float32/float16/bfloat16 weights, got {weight.dtype}")
+    check_blocksize(weight.numel(), blocksize)
+    blocks = weight.detach().float().reshape(-1, blocksize)  # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    # an all-zero block has absmax 0; the clamp keeps 0 * (1 / absmax) finite
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    # bucketize counts the midpoints strictly below x: the nearest level, a tie going to the lower one
+    codes = torch.bucketize(scaled, midpoints.to(weight.device), out_int32=True).to(torch.uint8)
+    packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).view(-1, 1)  # (numel / 2, 1)
+
+    state = NF4State(absmax, weight.shape, weight.dtype, blocksize)
+    if double_quant:
+        state.offset = absmax.mean()
+        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - state.offset)
+    return packed, state
+
+
+def dequantize_absmax(state: NF4State) -> torch.Tensor:
+    """The float32 block scales, undoing double quantization if it was used. (n_blocks,)"""
+    if not state.double_quant:
+        return state.absmax
+    return dequantize_blockwise_8bit(state.absmax, state.nested_absmax) + state.offset
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """ŵ = NF4[code] * block absmax, computed in float32 and returned as state.dtype, state.shape."""
+    absmax = dequantize_absmax(state)
+    byte_pairs = packed.reshape(-1).view(torch.uint16).int()  # (numel / 4,)
+    weight = FOUR_LEVELS_BY_UINT16.to(packed.device).index_select(0, byte_pairs).view(torch.float32)  # (numel,)
+    weight.view(-1, state.blocksize).mul_(absmax[:, None])
+    return weight.to(state.dtype).view(state.shape)

@@ -1,0 +1,322 @@
+"""quant/ against bitsandbytes 0.50.2 on CPU: NF4 (+ double quant), LLM.int8(), quantized linears.
+
+Format-level results must be bit-identical to bitsandbytes (torch.equal); layer outputs are
+compared with tolerances measured on the reference, explained where they are used.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
+                   quantize_model, quantize_nf4, vectorwise_quantize)
+
+BLOCKSIZES = (32, 64, 128, 256, 4096)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def weight(shape, dtype=torch.float32, seed=0):
+    """Normal weights with a few large values, so block scales vary a lot."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    w.view(-1)[:: 97] *= 30
+    return w.to(dtype)
+
+
+def bnb_quantize(w, blocksize, double_quant):
+    return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+
+
+# ---- NF4 ---------------------------------------------------------------------------------------
+
+def test_code_tables_equal_bitsandbytes():
+    assert torch.equal(NF4_CODE, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(DYNAMIC_CODE, bnbF.create_dynamic_map(signed=True))
+
+
+# Both shapes hold a whole number of 4096-blocks. (256, 192) has more than 256 blocks of 32..128,
+# so double quantization uses several nested blocks, the last one partial.
+@pytest.mark.parametrize("shape", [(256, 192), (2, 4, 512)])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
+    w = weight(shape, dtype)
+    w.view(-1)[:blocksize] = 0  # an all-zero block (absmax 0)
+    ref_packed, ref_state = bnb_quantize(w, blocksize, double_quant)
+    packed, state = quantize_nf4(w, blocksize, double_quant)
+
+    assert packed.dtype == ref_packed.dtype and packed.shape == ref_packed.shape
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref_state.absmax)
+    if double_quant:
+        assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
+        assert torch.equal(state.offset, ref_state.offset)
+        assert ref_state.state2.blocksize == 256
+
+    dequantized = dequantize_nf4(packed, state)
+    assert dequantized.dtype == dtype and dequantized.shape == w.shape
+    assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
+
+
+def test_nf4_ties_and_rounding():
+    """Values exactly on a midpoint between two levels go to the lower level, as in bitsandbytes."""
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    w = torch.cat([midpoints, -midpoints, torch.nextafter(midpoints, torch.ones(15)), torch.tensor([1.0])])
+    w = torch.cat([w, torch.zeros(64 - w.numel())])
+    packed, state = quantize_nf4(w)
+    assert torch.equal(packed, bnb_quantize(w, 64, False)[0])
+    # absmax is 1, so every value must land on its nearest level
+    distance_to_nearest = (w[:, None] - NF4_CODE).abs().min(dim=1).values
+    torch.testing.assert_close((dequantize_nf4(packed, state) - w).abs(), distance_to_nearest, rtol=0, atol=1e-7)
+
+
+def test_double_quant_constant_block():
+    """Equal block scales make every nested block all-zero after the mean is subtracted."""
+    w = torch.ones(64 * 300)
+    ref_packed, ref_state = bnb_quantize(w, 64, True)
+    packed, state = quantize_nf4(w, 64, double_quant=True)
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.nested_absmax, ref_state.state2.absmax)
+    assert torch.equal(dequantize_nf4(packed, state), w)
+
+
+def test_nf4_bad_inputs():
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        quantize_nf4(torch.randn(8, 48), blocksize=48)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        quantize_nf4(torch.randn(10, 10), blocksize=64)  # bitsandbytes would pad the last block
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        quantize_nf4(torch.ones(64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        Linear4bit.from_linear(nn.Linear(10, 3))
+
+
+# ---- LLM.int8() ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 1.5])
+def test_vectorwise_quantize_matches_bitsandbytes(dtype, threshold):
+    x = (torch.randn(33, 80, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    x[5] = 0  # an all-zero row
+    x_before = x.clone()
+    ref = bnbF.int8_vectorwise_quant(x.clone(), threshold)
+    ours = vectorwise_quantize(x, threshold)
+    assert torch.equal(x, x_before)
+    assert torch.equal(ours[0], ref[0]) and ours[0].dtype == torch.int8
+    assert torch.equal(ours[1], ref[1]) and ours[1].dtype == torch.float32
+    if threshold == 0:
+        assert ours[2] is None and ref[2] is None
+    else:
+        assert ours[2].numel() > 0 and torch.equal(ours[2], ref[2])
+
+
+def test_int8_matmul_is_exact():
+    """K = 4096: partial sums exceed 2^24, where a float32 accumulation would start rounding."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(-127, 128, (8, 4096), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (16, 4096), dtype=torch.int8, generator=g)
+    a[0], b[0] = 127, 127  # sum = 4096 · 127² ≈ 6.6e7
+    out = int8_matmul(a, b)
+    assert out.dtype == torch.int32
+    assert torch.equal(out.long(), a.long() @ b.long().t())
+
+
+def test_int8_bad_dtype():
+    with pytest.raises(ValueError, match="floating-point"):
+        vectorwise_quantize(torch.ones(4, 4, dtype=torch.int32))  # bitsandbytes would quantize it
+    with pytest.raises(ValueError, match="floating-point"):
+        vectorwise_quantize(torch.ones(4, 4, dtype=torch.complex64))
+
+
+# ---- quantized linear layers ---------------------------------------------------------------------
+
+def fp16_exact_linear(in_features, out_features, seed=0):
+    """A linear layer whose weight and bias are exactly representable in float16."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    for p in linear.parameters():
+        p.data = p.data.half().float()
+    return linear
+
+
+def inputs(shape, seed=3, outlier_column=None):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if outlier_column is not None:
+        x[..., outlier_column] *= 12
+    return x.half().float()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
+    linear = fp16_exact_linear(256, 96)
+    x = inputs((4, 5, 256))
+    ours = Linear4bit.from_linear(linear, double_quant=double_quant)
+    via_bnb = Linear4bit.from_linear(linear, double_quant=double_quant, backend="bnb")
+    for name, buffer in ours.named_buffers():
+        assert torch.equal(buffer, getattr(via_bnb, name)), name
+    assert torch.equal(ours.dequantized_weight(), via_bnb.dequantized_weight())
+
+    w = ours.dequantized_weight()
+    assert w.shape == (96, 256) and w.dtype == torch.float32
+    y = ours(x)
+    torch.testing.assert_close(y, F.linear(x, w, linear.bias), rtol=0, atol=1e-5)
+
+    reference = bnb.nn.Linear4bit(256, 96, compute_dtype=torch.float32, compress_statistics=double_quant,
+                                  quant_type="nf4")
+    reference.load_state_dict(linear.state_dict())
+    reference = reference.to("cpu").eval()  # .to(device) is where bitsandbytes quantizes
+    with torch.no_grad():
+        y_ref = reference(x)
+    if bnbF.has_avx512bf16():
+        # eval-mode CPU kernel computes in bfloat16 on such CPUs: ~0.3% relative error per output
+        tolerance = 1e-2 * y_ref.abs().max().item()
+    else:
+        # dequantize + F.linear like ours; we add the bias after the matmul, bnb inside it
+        # (measured max difference 1.2e-7 on outputs of size ~1)
+        tolerance = 1e-6
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_linear8bit_matches_bitsandbytes(threshold):
+    # bitsandbytes casts x and W to float16 before quantizing; fp16-exact inputs make that a no-op
+    linear = fp16_exact_linear(256, 96)
+    x = inputs((4, 5, 256), outlier_column=7)
+    ours = Linear8bit.from_linear(linear, threshold=threshold)
+    via_bnb = Linear8bit.from_linear(linear, threshold=threshold, backend="bnb")
+    reference = bnb.nn.Linear8bitLt(256, 96, has_fp16_weights=False, threshold=threshold)
+    reference.load_state_dict(linear.state_dict())
+    reference = reference.to("cpu").eval()  # training mode on CPU would dequantize instead of int8
+    with torch.no_grad():
+        y_ref = reference(x)
+    assert torch.equal(ours.weight_int8, reference.state.CB)
+    assert torch.equal(ours.weight_absmax, reference.state.SCB)
+    assert torch.equal(via_bnb.weight_int8, ours.weight_int8)
+
+    y = ours(x)
+    # bitsandbytes scales the int32 product by the constant 6.200124e-05 where 1/127² is
+    # 6.2000124e-05 (1.8e-5 relative); measured max difference 5.7e-5 on outputs up to 3.2.
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=3e-5 * scale)
+    # our bnb backend only differs from bnb's module in where the bias is added
+    torch.testing.assert_close(via_bnb(x), y_ref, rtol=0, atol=1e-6 * scale)
+
+
+def test_linear8bit_outlier_decomposition_helps():
+    """One input column 12x larger: holding it out of the int8 product cuts the error."""
+    linear = fp16_exact_linear(256, 96)
+    x = inputs((64, 256), outlier_column=7)
+    exact = linear(x)
+    errors = {t: (Linear8bit.from_linear(linear, threshold=t)(x) - exact).abs().max().item() for t in (0.0, 6.0)}
+    assert errors[6.0] < errors[0.0] / 2
+
+
+@pytest.mark.parametrize("layer_cls, options", [(Linear4bit, {"double_quant": True}), (Linear8bit, {})])
+def test_quantized_linear_backward(layer_cls, options):
+    """Frozen base: only x gets a gradient, dL/dx = dL/dy · Ŵ (straight-through for the int8 rounding)."""
+    layer = layer_cls.from_linear(nn.Linear(128, 64), **options)
+    assert all(not p.requires_grad for p in layer.parameters())
+    x = torch.randn(3, 128, requires_grad=True)
+    grad_y = torch.randn(3, 64)
+    layer(x).backward(grad_y)
+    assert torch.equal(x.grad, grad_y @ layer.dequantized_weight())
+
+
+@pytest.mark.parametrize("layer_cls", [Linear4bit, Linear8bit])
+def test_conv1d_input(layer_cls):
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(96, 128)  # weight (in=128, out=96)
+    nn.init.normal_(conv.weight, std=0.02)
+    nn.init.normal_(conv.bias, std=0.02)
+    linear = nn.Linear(128, 96)
+    linear.weight.data, linear.bias.data = conv.weight.data.t().clone(), conv.bias.data.clone()
+    from_conv, from_linear = layer_cls.from_linear(conv), layer_cls.from_linear(linear)
+    assert (from_conv.in_features, from_conv.out_features) == (128, 96)
+    assert torch.equal(from_conv.dequantized_weight(), from_linear.dequantized_weight())
+    x = torch.randn(2, 7, 128)
+    assert torch.equal(from_conv(x), from_linear(x))
+    torch.testing.assert_close(from_conv(x), conv(x), rtol=0, atol=0.1 * conv(x).abs().max().item())
+
+
+def test_state_dict_roundtrip_and_requantize():
+    linear = nn.Linear(128, 64)
+    layer = Linear4bit.from_linear(linear, double_quant=True)
+    state = layer.state_dict()
+    assert set(state) == {"weight_packed", "absmax", "nested_absmax", "absmax_offset", "bias"}
+    assert not any(t.is_floating_point() and t.numel() >= 64 * 128 for t in state.values())
+    fresh = Linear4bit(128, 64, double_quant=True)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), layer(x))
+
+    new_weight = torch.randn(64, 128)
+    fresh.requantize_(new_weight)
+    packed, nf4_state = quantize_nf4(new_weight, 64, double_quant=True)
+    assert torch.equal(fresh.dequantized_weight(), dequantize_nf4(packed, nf4_state))
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense, self.out_proj = nn.Linear(64, 64), nn.Linear(64, 2)
+
+    def forward(self, h):
+        return self.out_proj(torch.tanh(self.dense(h)))
+
+
+class MiniModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.blocks = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+        self.norm = nn.LayerNorm(64)
+        self.pre_classifier = nn.Linear(64, 64)
+        self.classifier = Head()
+        self.lm_head = nn.Linear(64, 50, bias=False)
+
+    def forward(self, ids):
+        h = self.norm(self.blocks(self.embed(ids)))
+        return self.lm_head(h), self.classifier(self.pre_classifier(h))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_model_skips_heads_and_counts_bytes(bits):
+    torch.manual_seed(0)
+    model = MiniModel()
+    ids = torch.randint(0, 50, (2, 9))
+    reference = [y.detach() for y in model(ids)]
+    sizes_before = model_bytes(model)
+
+    quantize_model(model, bits=bits)
+    layer_cls = Linear4bit if bits == 4 else Linear8bit
+    assert isinstance(model.blocks[0], layer_cls) and isinstance(model.blocks[2], layer_cls)
+    for name in ("pre_classifier", "classifier.dense", "classifier.out_proj", "lm_head"):
+        assert type(model.get_submodule(name)) is nn.Linear, name
+    # measured relative errors: ~0.14 for NF4 (uniform-initialised weights, two layers), ~0.013 for int8
+    for y, y_ref in zip(model(ids), reference):
+        assert (y - y_ref).norm() / y_ref.norm() < {4: 0.25, 8: 0.03}[bits]
+
+    sizes = model_bytes(model)
+    n = 64 * 128 * 2  # quantized weights
+    if bits == 4:
+        assert sizes["quantized_weights"] == n // 2
+        assert sizes["quant_constants"] == 4 * n // 64  # one float32 absmax per 64 weights
+    else:
+        assert sizes["quantized_weights"] == n
+        assert sizes["quant_constants"] == 4 * (128 + 64)  # one float32 scale per output row
+    assert sizes["other_params"] == sizes_before["total"] - 4 * n
+    assert sizes["total"] == sum(v for k, v in sizes.items() if k != "total")
+
+
+def test_double_quant_shrinks_constants_and_bad_options():
+    sizes = {dq: model_bytes(quantize_model(nn.Sequential(nn.Linear(512, 512)), double_quant=dq)) for dq in (False, True)}
+    assert sizes[True]["quant_constants"] < sizes[False]["quant_constants"] / 3
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quantize_model(nn.Sequential(nn.Linear(64, 64)), bits=3)
+    with pytest.raises(ValueError, match="backend"):
+        Linear4bit.from_linear(nn.Linear(64, 64), backend="cuda")
+    with pytest.raises(TypeError, match="nn.Linear or Conv1D"):
+        Linear8bit.from_linear(nn.Conv2d(3, 3, 1))

@@ -1,0 +1,479 @@
+"""Fine-tune a model with LoRA, prompt tuning or full fine-tuning; evaluate before and after; save the adapter.
+
+    python train.py --model minilm-l6 --dataset ../shared/data/rotten_tomatoes --rank 8
+    torchrun --nproc_per_node 2 train.py ...        (DDP: gloo on CPU, nccl on GPU)
+
+The loop, top to bottom: AdamW on the trainable parameters only; linear or cosine schedule with
+warmup; gradient accumulation (the loss of an optimizer step is the sum over its micro-batches divided
+by the step's total number of examples, or label tokens, so 2 x 4 equals 8 exactly); clipping;
+evaluation every N steps with early stopping and the best weights kept; a checkpoint (trainable
+weights, optimizer, scheduler, RNG, data position) every N steps and on interruption, from which
+--resume continues exactly. Data order is a fixed permutation per epoch (seed + epoch), so the data
+position is just (epoch, micro-batch index).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import data
+from evaluation import evaluate, next_token_nll
+from lora import LoraConfig, PromptTuningModel, apply_lora, print_trainable_parameters, save_adapter
+from models import load_model
+from models import Tokenizer
+from models.loading import LoadError, read_config, resolve
+
+DECODERS = ("gpt2", "llama", "qwen2")
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="distilbert", help="local folder, fetched name (minilm-l6, smollm2-135m), alias or Hub id")
+    g.add_argument("--dataset", default="rotten_tomatoes", help="Hub name, or a local folder of split files / one file (jsonl, csv, parquet)")
+    g.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
+    g.add_argument("--train-split", default="train", help="split to train on")
+    g.add_argument("--eval-split", default=None, help="split for evaluation during training (default: validation, else test)")
+    g.add_argument("--test-split", default=None, help="split for the before/after table (default: test, else the eval split)")
+    g.add_argument("--train-samples", type=int, default=None, help="random subset of the train split (all when omitted)")
+    g.add_argument("--eval-samples", type=int, default=None, help="random subset of the eval and test splits")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated)")
+    g.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id, comma-separated")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=("lora", "prompt", "none"), default="lora", help="none = full fine-tuning")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale alpha / r)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
+    g.add_argument("--target-modules", default=None, help="comma-separated module names (default: the architecture's)")
+    g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full (default: the classifier head)")
+    g.add_argument("--use-rslora", action="store_true", help="scale alpha / sqrt(r)")
+    g.add_argument("--use-dora", action="store_true", help="weight-decomposed LoRA")
+    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    g.add_argument("--prompt-init", choices=("random", "sample_vocab", "text"), default="text", help="prompt tuning: initialisation")
+    g.add_argument("--prompt-init-text", default="Classify if the sentiment of this review is positive or negative:",
+                   help="prompt tuning: text for --prompt-init text")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the train split")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 lora, 3e-2 prompt, 2e-5 none)")
+    g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear", help="decay after warmup")
+    g.add_argument("--warmup", type=float, default=0.06, help="warmup: a fraction of the steps if < 1, else a step count")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and subsets")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
+    g.add_argument("--autocast", action="store_true", help="bf16 autocast for forward/backward (weights stay in --dtype)")
+    g = p.add_argument_group("evaluation, checkpoints and output")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0 = at the end only)")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="examples per evaluation batch")
+    g.add_argument("--metric", default=None, help="metric for early stopping / best weights (default: accuracy, or loss for causal-lm)")
+    g.add_argument("--early-stopping-patience", type=int, default=0, help="stop after N evaluations without improvement (0 = never)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps for --resume (default: at each evaluation)")
+    g.add_argument("--rouge", action="store_true", help="causal-lm pairs: also ROUGE of greedy generations")
+    g.add_argument("--output-dir", default=None, help="where the adapter, logs and checkpoints go (default: runs/<model>-<dataset>-<method>)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
+    args = p.parse_args(argv)
+    for name in ("rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0 or args.epochs <= 0:
+        p.error("--max-steps and --epochs must be positive")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.lr is None:
+        args.lr = {"lora": 1e-3, "prompt": 3e-2, "none": 2e-5}[args.method]
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).name}-{args.method}")
+    return args
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+def init_distributed():
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def all_sum(value, world):
+    if world == 1:
+        return value
+    t = torch.tensor(float(value))
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def prepare_data(args, tokenizer, task, splits):
+    train_name = data.pick_split(splits, args.train_split, ())
+    eval_name = data.pick_split(splits, args.eval_split, ("validation", "test"))
+    test_name = data.pick_split(splits, args.test_split, ("test", eval_name))
+    if eval_name is None:
+        raise data.DataError(f"the dataset has no validation or test split (splits: {', '.join(splits)}); "
+                             "pass --eval-split")
+    for name in dict.fromkeys((train_name, eval_name, test_name)):
+        data.check_rows(splits[name], task, name)
+    train_rows = data.subsample(splits[train_name], args.train_samples, args.seed)
+    eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
+    test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)
+    names, words = None, None
+    if task in ("seq-cls", "generate-label"):
+        names = data.label_names([train_rows, eval_rows, test_rows])
+    if task == "generate-label":
+        words = [w.strip() for w in args.label_words.split(",")]
+        if len(words) != len(names):
+            raise data.DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
+
+    def encode(rows, split):
+        if task == "seq-cls":
+            return data.encode_classification(rows, tokenizer, args.max_length, names, split)
+        if task == "generate-label":
+            return data.encode_generate_label(rows, tokenizer, args.max_length, words, names, split)
+        return data.encode_causal_lm(rows, tokenizer, args.max_length)
+
+    return encode(train_rows, train_name), encode(eval_rows, eval_name), encode(test_rows, test_name), names, words
+
+
+def micro_batches(n_examples, batch_size, world, seed, epoch):
+    """Index lists of one epoch's global micro-batches (batch_size x world examples each)."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    size = batch_size * world
+    out = [order[i:i + size] for i in range(0, n_examples, size)]
+    if world > 1 and len(out[-1]) < size:
+        out.pop()  # every process must get an equal share
+    return out
+
+
+# ---- loss -----------------------------------------------------------------------------------------
+
+def loss_sum(model, batch, task):
+    """Sum of the loss over the micro-batch and what it is summed over (examples or label tokens)."""
+    if task == "seq-cls":
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
+    return next_token_nll(model, batch)
+
+
+def count_targets(batch, task):
+    return len(batch["labels"]) if task == "seq-cls" else int((batch["labels"][:, 1:] != -100).sum())
+
+
+# ---- schedule and checkpoints ------------------------------------------------------------------------
+
+def lr_lambda(schedule, warmup_steps, total_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return factor
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder, model, optimizer, scheduler, state, rng):
+    """Write atomically: a half-written checkpoint never replaces a good one."""
+    tmp = Path(str(folder) + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    with open(tmp / "state.json", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+    if Path(folder).exists():
+        old = Path(str(folder) + ".old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        for p in old.iterdir():
+            p.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, folder)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "numpy": np.random.get_state()[1].tolist()}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(rng["python"]), None))
+    state = np.random.get_state()
+    np.random.set_state((state[0], np.array(rng["numpy"], dtype=np.uint32), 624, 0, 0.0))
+
+
+def load_trainable(model, path):
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+def results_table(before, after):
+    keys = [k for k in after if isinstance(after[k], (int, float))]
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    for k in keys:
+        b = before.get(k)
+        lines.append(f"| {k} | {b:.4f} | {after[k]:.4f} |" if b is not None else f"| {k} | - | {after[k]:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(log_path, out_path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in open(log_path, encoding="utf-8")]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    evals = [(r["step"], r["metrics"]) for r in rows if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        axes[0].plot(*zip(*train))
+    axes[0].set(xlabel="step", ylabel="train loss")
+    if evals:
+        metric = next(iter(evals[-1][1]))
+        axes[1].plot([s for s, _ in evals], [m[metric] for _, m in evals], marker="o")
+        axes[1].set(xlabel="step", ylabel=f"eval {metric}")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return True
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def build_model(args, folder, cfg, task, num_labels):
+    model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
+    if model_task == "causal-lm" and cfg["model_type"] not in DECODERS:
+        raise LoadError(f"task {task} needs a decoder; {args.model} is a {cfg['model_type']} encoder (use --task seq-cls)")
+    max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if args.max_length > max_positions:
+        raise LoadError(f"--max-length {args.max_length} exceeds {args.model}'s maximum of {max_positions} positions")
+    return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype))
+
+
+def add_method(args, model, tokenizer):
+    if args.method == "lora":
+        split = lambda s: [x.strip() for x in s.split(",")] if s else None  # noqa: E731
+        apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,
+                                     use_dora=args.use_dora, target_modules=split(args.target_modules),
+                                     modules_to_save=split(args.modules_to_save)))
+        return model
+    if args.method == "prompt":
+        return PromptTuningModel(model).add_prompt("default", args.num_virtual_tokens, args.prompt_init,
+                                                   args.prompt_init_text, tokenizer)
+    return model.requires_grad_(True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    is_main = rank == 0
+    out = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    splits = data.load_splits(args.dataset)
+    if args.train_split not in splits:
+        raise data.DataError(f"the dataset has no {args.train_split!r} split (it has {', '.join(splits)})")
+    folder = resolve(args.model)
+    cfg = read_config(folder)
+    is_decoder = cfg["model_type"] in DECODERS
+    task = args.task or data.infer_task(splits[args.train_split], is_decoder)
+    train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
+    model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
+    metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
+    if metric not in HIGHER_IS_BETTER:
+        raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")
+    if task == "causal-lm" and tokenizer.pad_token_id is None:
+        raise LoadError("the tokenizer has no pad or eos token to pad batches with")
+
+    def run_eval(examples, desc, rouge=False):
+        return evaluate(model, examples, task, tokenizer, args.eval_batch_size, words, rouge=rouge, desc=desc)
+
+    state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad_evals": 0, "before": None}
+    if args.resume and (out / "checkpoint" / "state.json").is_file():
+        with open(out / "checkpoint" / "state.json", encoding="utf-8") as f:
+            state = json.load(f)
+    elif args.resume:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+    if state["before"] is None:
+        state["before"] = run_eval(test_set, "eval before" if is_main else None, args.rouge)
+
+    model = add_method(args, model, tokenizer)
+    if is_main:
+        print_trainable_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    batches_per_epoch = len(micro_batches(len(train_set), args.batch_size, world, args.seed, 0))
+    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
+    total_steps = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
+    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
+    if args.resume:
+        load_trainable(model, out / "checkpoint" / "trainable.safetensors")
+        saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    train_model = ddp or model
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "args.json", "w", encoding="utf-8") as f:
+            json.dump(vars(args), f, indent=2)
+    log = open(out / "log.jsonl", "a", encoding="utf-8") if is_main else None
+    autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) if args.autocast else nullcontext()
+
+    def checkpoint(rng):
+        if is_main:
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, rng)
+
+    epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
+    step_rng = rng_state()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
+    started = time.time()
+    try:
+        while state["step"] < total_steps:
+            step_rng = rng_state()  # a resumed run restarts this step with the same dropout draws
+            model.train()
+            group = []
+            for _ in range(args.grad_accum):
+                if state["micro"] >= len(epoch_batches):
+                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
+                    epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
+                indices = epoch_batches[state["micro"]]
+                share = len(indices) // world
+                mine = indices[rank * share:(rank + 1) * share] if world > 1 else indices
+                group.append(data.collate([train_set[i] for i in mine], tokenizer.pad_token_id))
+                state["micro"] += 1
+            denominator = all_sum(sum(count_targets(b, task) for b in group), world) / world
+            step_loss = 0.0
+            for i, batch in enumerate(group):
+                sync = nullcontext() if ddp is None or i == len(group) - 1 else ddp.no_sync()
+                with sync, autocast:
+                    total, _ = loss_sum(train_model, batch, task)
+                    (total / denominator).backward()
+                step_loss += total.item()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            step_loss = all_sum(step_loss, world) / (denominator * world)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if log:
+                log.write(json.dumps({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": step_loss,
+                                      "lr": scheduler.get_last_lr()[0], "time": time.time() - started}) + "\n")
+                log.flush()
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr")
+            done = state["step"] >= total_steps
+            if args.eval_every and state["step"] % args.eval_every == 0 or done:
+                result = run_eval(eval_set, "eval" if is_main else None)
+                better = state["best"] is None or (result[metric] > state["best"] if HIGHER_IS_BETTER[metric]
+                                                   else result[metric] < state["best"])
+                if better:
+                    state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
+                    if is_main:
+                        (out / "best").mkdir(parents=True, exist_ok=True)
+                        save_file(trainable_state(model), str(out / "best" / "trainable.safetensors"))
+                else:
+                    state["bad_evals"] += 1
+                if log:
+                    log.write(json.dumps({"kind": "eval", "step": state["step"], "metrics": result}) + "\n")
+                    log.flush()
+                if is_main:
+                    tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                if args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience:
+                    if is_main:
+                        tqdm.write(f"early stopping: no better {metric} for {state['bad_evals']} evaluations")
+                    checkpoint(rng_state())
+                    break
+                if not args.save_every:
+                    checkpoint(rng_state())
+            if args.save_every and state["step"] % args.save_every == 0:
+                checkpoint(rng_state())
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
+                  "run again with --resume to continue", file=sys.stderr)
+        checkpoint(step_rng)
+        raise
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+    if (out / "best" / "trainable.safetensors").is_file():
+        load_trainable(model, out / "best" / "trainable.safetensors")
+    after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
+    if is_main:
+        print(f"\n{args.model} on {args.dataset} ({task}, {args.method}), best step {state['best_step']} by {metric}:")
+        print(results_table(state["before"], after))
+        with open(out / "results.json", "w", encoding="utf-8") as f:
+            json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
+                       "labels": names, "train_seconds": time.time() - started}, f, indent=2)
+        save_output(model, tokenizer, out / "adapter", args)
+        if plot_curves(out / "log.jsonl", out / "curves.png"):
+            print(f"curves: {out / 'curves.png'}")
+        print(f"saved: {out / 'adapter'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return after
+
+
+def save_output(model, tokenizer, folder, args):
+    """The adapter in peft's format (or, after full fine-tuning, the whole model) and the tokenizer."""
+    if args.method == "none":
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(folder / "config.json", "w", encoding="utf-8") as f:
+            json.dump(model.config, f, indent=2)
+    else:
+        save_adapter(model, folder)
+    tokenizer.save(folder)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LoadError, data.DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
