@@ -119,6 +119,24 @@ def default_heads(model):
     return [n for n in model.new_head_names if not n.endswith("pooler")]
 
 
+def wrap_heads(model, names, adapter_name):
+    """Give `adapter_name` a trainable copy of every module whose name ends with one of `names`.
+
+    peft's rule is a plain string suffix, so "classifier" also selects DistilBERT's "pre_classifier";
+    we follow it so that peft's files and ours hold the same heads.
+    """
+    inside = [n + "." for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+    chosen = [n for n, _ in model.named_modules()
+              if n and any(n.endswith(t) for t in names) and not any(n.startswith(w) for w in inside)]
+    for name in chosen:
+        head = model.get_submodule(name)
+        if not isinstance(head, ModulesToSave):
+            head = ModulesToSave(head)
+            model.set_submodule(name, head)
+        head.add(adapter_name)
+    return chosen
+
+
 def apply_lora(model, config=None, adapter_name="default"):
     """Add a LoRA adapter named `adapter_name` to `model` (in place) and return the model.
 
@@ -148,12 +166,7 @@ def apply_lora(model, config=None, adapter_name="default"):
         layer.add_adapter(adapter_name, config.r, config.alpha, config.dropout, config.use_rslora,
                           config.use_dora, config.init)
     save = default_heads(model) if config.modules_to_save is None else config.modules_to_save
-    for name in [n for n, _ in model.named_modules() if save and matches(n, save)]:
-        head = model.get_submodule(name)
-        if not isinstance(head, ModulesToSave):
-            head = ModulesToSave(head)
-            model.set_submodule(name, head)
-        head.add(adapter_name)
+    wrap_heads(model, save, adapter_name)
     config = copy.deepcopy(config)
     config.target_modules, config.modules_to_save = targets, list(save)
     model.peft_config = {**registry, adapter_name: config}
@@ -335,11 +348,11 @@ def config_from_peft(peft):
                       extra={k: v for k, v in peft.items() if k not in ours and v not in (None, {}, [])})
 
 
-def load_state_strict(model, state, folder):
-    """Copy `state` (our names) into the model, naming the first tensor that is unknown or misshaped."""
+def load_state_strict(model, state, folder, allowed):
+    """Copy `state` (our names) into the model's `allowed` tensors, naming the first unknown or misshaped one."""
     ours = model.state_dict()
     for key, value in state.items():
-        if key not in ours:
+        if key not in allowed:
             raise AdapterError(f"{folder}: tensor {key} has no place in this model (wrong base model or targets?)")
         if value.shape != ours[key].shape:
             raise AdapterError(f"{folder}: tensor {key} has shape {tuple(value.shape)}, "
@@ -371,7 +384,7 @@ def load_adapter(model, folder, adapter_name="default"):
     try:
         if missing:
             raise AdapterError(f"{folder}: adapter lacks {len(missing)} tensor(s) its config needs, e.g. {missing[0]}")
-        load_state_strict(model, state, folder)
+        load_state_strict(model, state, folder, expected)
     except AdapterError:
         delete_adapter(model, adapter_name)  # leave the model as it was
         raise

@@ -24,8 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import (PREFIX, AdapterError, ModulesToSave, default_heads, heads, load_state_strict, task_type,
-                       write_adapter_files)
+from .adapters import AdapterError, default_heads, heads, load_state_strict, task_type, wrap_heads, write_adapter_files
+
+PREFIX = "base_model."  # peft's prompt-learning models name head tensors base_model.<head>.<param>
 
 INITS = ("random", "sample_vocab", "text")
 
@@ -68,13 +69,8 @@ class PromptTuningModel(nn.Module):
                 ids = torch.randint(0, embed.num_embeddings, (N,))
             prompt = embed.weight[ids].float().clone()
         self.prompt_embeddings[name] = nn.Parameter(prompt)  # (N, C), kept in fp32
-        save = default_heads(self.base_model) if modules_to_save is None else modules_to_save
-        for head_name in save:
-            head = self.base_model.get_submodule(head_name)
-            if not isinstance(head, ModulesToSave):
-                head = ModulesToSave(head)
-                self.base_model.set_submodule(head_name, head)
-            head.add(name)
+        save = default_heads(self.base_model) if modules_to_save is None else list(dict.fromkeys(modules_to_save))
+        wrap_heads(self.base_model, save, name)
         cfg = self.base_model.config
         self.peft_config[name] = {
             "peft_type": "PROMPT_TUNING", "task_type": task_type(self.base_model), "num_virtual_tokens": N,
@@ -179,11 +175,16 @@ def load_prompt_adapter(model, peft, tensors, folder, adapter_name):
     wrapper.peft_config[adapter_name] = copy.deepcopy(peft)
     with torch.no_grad():
         wrapper.prompt_embeddings[adapter_name].copy_(prompt)
+    head_names = [n for n, h in heads(wrapper.base_model) if adapter_name in h.modules_to_save]
     head_state = {}
     for key, value in tensors.items():
         if key == "prompt_embeddings":
             continue
-        head, _, param = key[len(PREFIX):].rpartition(".")
-        head_state[f"base_model.{head}.modules_to_save.{adapter_name}.{param}"] = value
-    load_state_strict(wrapper, head_state, folder)
+        rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        head = next((h for h in head_names if rest.startswith(h + ".")), None)
+        if head is None:
+            raise AdapterError(f"{folder}: tensor {key} belongs to no head of this model")
+        head_state[f"base_model.{head}.modules_to_save.{adapter_name}.{rest[len(head) + 1:]}"] = value
+    allowed = {k for k in wrapper.state_dict() if f".modules_to_save.{adapter_name}." in k}
+    load_state_strict(wrapper, head_state, folder, allowed)
     return wrapper

@@ -46,6 +46,15 @@ class BertLayer(nn.Module):
         return self.output.LayerNorm(x + self.dropout(y))
 
 
+class BertPooler(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.dense = nn.Linear(C, C)
+
+    def forward(self, hidden):  # (B, T, C) -> (B, C): the [CLS] token through dense + tanh
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
 class BertModel(nn.Module):
     new_head_names = ("pooler",)  # may be absent from a checkpoint; initialised fresh then
 
@@ -61,7 +70,7 @@ class BertModel(nn.Module):
         })
         self.emb_dropout = nn.Dropout(cfg.get("hidden_dropout_prob", 0.0))
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(cfg) for _ in range(cfg["num_hidden_layers"]))})
-        self.pooler = nn.ModuleDict({"dense": nn.Linear(C, C)}) if add_pooler else None
+        self.pooler = BertPooler(C) if add_pooler else None
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -83,8 +92,6 @@ class BertModel(nn.Module):
             x = layer(x, mask)
         return x
 
-    def pool(self, hidden):
-        return torch.tanh(self.pooler.dense(hidden[:, 0]))
 
 
 class BertForSequenceClassification(nn.Module):
@@ -97,10 +104,16 @@ class BertForSequenceClassification(nn.Module):
         self.bert = BertModel(cfg)
         self.dropout = nn.Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
         self.classifier = nn.Linear(cfg["hidden_size"], num_labels)
+        self.pooling = "pooler"
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)
-        return self.classifier(self.dropout(self.bert.pool(hidden)))  # (B, num_labels)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, C)
+        if self.pooling == "mean":  # masked mean of the last hidden state, as sentence-transformers pools
+            mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if attention_mask is None else attention_mask.to(hidden.dtype)
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        else:
+            pooled = self.bert.pooler(hidden)
+        return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
 
 BASE_PREFIX = "bert"  # where transformers' task classes keep the BertModel

@@ -24,8 +24,9 @@ multiplied in full precision against the matching (dequantized) weight columns:
     O = {k : max_i |X[i, k]| >= threshold}
     Y = int8 product over k ∉ O  +  X[:, O] · Ŵ[:, O]ᵀ,   Ŵ = W_i8 · c_w[:, None] / 127
 
-As in bitsandbytes, the outlier values themselves are excluded from c_x (the rest of their
-column is not), which makes `vectorwise_quantize` match `int8_vectorwise_quant` exactly.
+As in bitsandbytes, c_x is taken after zeroing just the outlier values, so the other entries
+of an outlier column still count toward it; `vectorwise_quantize` then matches
+bitsandbytes.functional.int8_vectorwise_quant exactly.
 """
 import torch
 

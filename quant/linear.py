@@ -33,11 +33,6 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
 class _QuantizedMatmul(torch.autograd.Function):
     """y = layer.matmul(x), with dL/dx = dL/dy · Ŵ from a re-dequantized Ŵ (nothing is saved)."""
 
@@ -56,7 +51,8 @@ class _QuantizedLinear(nn.Module):
 
     def __init__(self, in_features, out_features, bias, compute_dtype, backend):
         super().__init__()
-        _check_backend(backend)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.backend = compute_dtype, backend
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
@@ -71,6 +67,10 @@ class _QuantizedLinear(nn.Module):
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().to(compute_dtype).clone()
         return layer
+
+    def _check_weight_shape(self, weight: torch.Tensor) -> None:
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"expected a ({self.out_features}, {self.in_features}) weight, got {tuple(weight.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = _QuantizedMatmul.apply(x.to(self.compute_dtype), self)  # (..., out)
@@ -102,6 +102,7 @@ class Linear4bit(_QuantizedLinear):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the NF4 quantization of `weight` (out, in)."""
+        self._check_weight_shape(weight)
         if self.backend == "bnb":
             packed, state = _bnb_quantize_4bit(weight, self.blocksize, self.double_quant)
         else:
@@ -143,6 +144,7 @@ class Linear8bit(_QuantizedLinear):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the vector-wise int8 quantization of `weight` (out, in)."""
+        self._check_weight_shape(weight)
         if self.backend == "bnb":
             import bitsandbytes.functional as bnb_functional
 

@@ -50,10 +50,10 @@ NESTED_BLOCKSIZE = 256
 
 def normal_float_code(offset: float = 0.9677083) -> torch.Tensor:
     """The 16 NF4 levels in [-1, 1], ascending. (16,) float32."""
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    # float32 quantile points and float32 levels, normalised in float32: reproduces the published table bit for bit
-    positive = normal.icdf(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
-    negative = -normal.icdf(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
+    # ndtri = Φ⁻¹. float32 quantile points, float32 levels, normalised in float32: this reproduces
+    # the published table (bitsandbytes' get_4bit_type("nf4")) bit for bit
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
     levels = torch.cat([negative, torch.zeros(1), positive]).sort().values
     return levels / levels.max()
 
@@ -75,12 +75,10 @@ def dynamic_code() -> torch.Tensor:
 NF4_CODE = normal_float_code()  # (16,)
 DYNAMIC_CODE = dynamic_code()  # (256,)
 
-# Dequantization gathers four levels (two packed bytes) per index: entry u holds the four float32
-# NF4 levels of the two bytes whose native-endian uint16 value is u. complex128 serves only as a
-# 16-byte container, so a single 1-D index_select moves the four floats' bits untouched. (65536,), 1 MiB
-_byte_pairs = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.uint8).view(65536, 2).long()
-_four_levels = NF4_CODE[torch.stack([_byte_pairs >> 4, _byte_pairs & 15], dim=2)]  # (65536, 2 bytes, 2 nibbles)
-FOUR_LEVELS_BY_UINT16 = _four_levels.reshape(65536, 4).view(torch.complex128).view(-1)
+# Dequantization looks bytes up in this table: entry k holds the two float32 NF4 levels of byte k
+# (high nibble first) bit-cast to one int64, so a single 1-D index_select fetches both. (256,)
+_bytes = torch.arange(256)
+TWO_LEVELS_BY_BYTE = torch.stack([NF4_CODE[_bytes >> 4], NF4_CODE[_bytes & 15]], dim=1).view(torch.int64).view(-1)
 
 # bitsandbytes' CPU 8-bit rounding: grid point g in [0, 65535] stands for -1 + 2g/65535 and maps to
 # the number of code midpoints strictly below it, i.e. its nearest code (ties to the lower one).
@@ -131,7 +129,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     grid_index = ((scaled + 1.0) * 0.5 * _GRID + 0.5).int()  # truncation, as the C kernel's cast
     codes = DYNAMIC_CODE_BY_GRID.to(x.device)[grid_index]
     codes.masked_fill_((absmax == 0)[:, None], 0)  # bitsandbytes writes code 0 for an all-zero block
-    return codes.view(-1)[:n], absmax
+    return codes.view(-1)[:n].clone(), absmax  # clone: don't keep the padding's storage alive
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
@@ -174,7 +172,7 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
 def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """ŵ = NF4[code] * block absmax, computed in float32 and returned as state.dtype, state.shape."""
     absmax = dequantize_absmax(state)
-    byte_pairs = packed.reshape(-1).view(torch.uint16).int()  # (numel / 4,)
-    weight = FOUR_LEVELS_BY_UINT16.to(packed.device).index_select(0, byte_pairs).view(torch.float32)  # (numel,)
+    two_levels = TWO_LEVELS_BY_BYTE.to(packed.device).index_select(0, packed.reshape(-1).int())  # (numel / 2,)
+    weight = two_levels.view(torch.float32)  # (numel,)
     weight.view(-1, state.blocksize).mul_(absmax[:, None])
     return weight.to(state.dtype).view(state.shape)

@@ -293,6 +293,12 @@ def test_our_adapter_loads_in_peft(tiny, tmp_path, family, task, variant):
         torch.testing.assert_close(ref_state[key], value, atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
     ids, mask = inputs(family)
     check_logits(run_ours(ours, ids, mask), run_ref(ref, ids, mask), "ours saved -> peft loaded")
+    # our file holds exactly the tensors (names, values) that peft writes for this adapter
+    ref.save_pretrained(str(tmp_path / "peft"))
+    ours_file, ref_file = (load_file(str(f / "adapter_model.safetensors")) for f in (tmp_path, tmp_path / "peft"))
+    assert sorted(ours_file) == sorted(ref_file)
+    for key, value in ours_file.items():
+        torch.testing.assert_close(value, ref_file[key], atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -313,16 +319,7 @@ def test_peft_adapter_loads_in_ours(tiny, tmp_path, family, task, variant):
     check_logits(run_ours(ours.eval(), ids, mask), run_ref(ref, ids, mask), "peft saved -> ours loaded")
 
 
-PRE_CLASSIFIER_BUG = (
-    "lora/adapters.py: peft matches modules_to_save by plain endswith, so its default ['classifier', 'score'] "
-    "also wraps and saves DistilBERT's pre_classifier; ours wraps only 'classifier' and load_state_strict "
-    "copies base_model.model.pre_classifier.* into the frozen base weights (disable_adapters no longer gives "
-    "the base model)")
-
-
-@pytest.mark.parametrize("family", [pytest.param("distilbert", marks=pytest.mark.xfail(strict=True,
-                                                                                      reason=PRE_CLASSIFIER_BUG)),
-                                    "gpt2"])
+@pytest.mark.parametrize("family", ["distilbert", "gpt2"])
 def test_peft_adapter_with_default_head_config_loads_in_ours(tiny, tmp_path, family):
     """peft's own SEQ_CLS default (modules_to_save None -> ["classifier", "score"]) and base untouched."""
     task = "seq-cls"

@@ -207,21 +207,8 @@ def test_sample_vocab_rows_are_embedding_rows(tiny, family, task):
 
 # ------------------------------------------------------------------ files, both ways
 
-HEAD_FILE_BUG = (
-    "lora/prompt_tuning.py: peft's prompt-learning files name head tensors 'base_model.<head>.<param>' "
-    "(PeftModel.base_model is the transformers model itself), ours 'base_model.model.<head>.<param>' (the LoRA "
-    "prefix): peft raises KeyError 'base_model.score.weight' on our file, and load_prompt_adapter strips "
-    "len('base_model.model.') from peft's keys; it also calls get_submodule on every name of peft's "
-    "modules_to_save (['classifier', 'score', ...] for SEQ_CLS) -> AttributeError for the absent one")
 
-
-def with_head_bug(cases):
-    return [pytest.param(f, t, marks=pytest.mark.xfail(strict=True, reason=HEAD_FILE_BUG)) if t == "seq-cls"
-            else (f, t) for f, t in cases]
-
-
-
-@pytest.mark.parametrize("family,task", with_head_bug(CASES))
+@pytest.mark.parametrize("family,task", CASES)
 def test_peft_prompt_loads_in_ours(tiny, tmp_path, family, task):
     ref = make_ref(tiny, family, task)
     perturb_heads(ref, seed=2)
@@ -233,7 +220,7 @@ def test_peft_prompt_loads_in_ours(tiny, tmp_path, family, task):
     check(run_ours(wrapper.eval(), ids, mask), run_ref(ref, ids, mask, N), "peft saved -> ours loaded")
 
 
-@pytest.mark.parametrize("family,task", with_head_bug(CASES))
+@pytest.mark.parametrize("family,task", CASES)
 def test_our_prompt_loads_in_peft(tiny, tmp_path, family, task):
     wrapper = PromptTuningModel(plain_ours(tiny, family, task)).add_prompt("default", N).eval()
     perturb_heads(wrapper, seed=3)

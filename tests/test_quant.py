@@ -13,7 +13,7 @@ import bitsandbytes.functional as bnbF
 from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
                    quantize_model, quantize_nf4, vectorwise_quantize)
 
-BLOCKSIZES = (32, 64, 128, 256, 4096)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # all that bitsandbytes accepts
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -256,6 +256,8 @@ def test_state_dict_roundtrip_and_requantize():
     fresh.requantize_(new_weight)
     packed, nf4_state = quantize_nf4(new_weight, 64, double_quant=True)
     assert torch.equal(fresh.dequantized_weight(), dequantize_nf4(packed, nf4_state))
+    with pytest.raises(ValueError, match=r"expected a \(64, 128\) weight"):
+        fresh.requantize_(new_weight.t())
 
 
 class Head(nn.Module):

@@ -1,0 +1,568 @@
+"""train.py end to end on the tiny random checkpoints of tests/tiny.py, plus the evaluation it relies on.
+
+Each run is a real `train.main(argv)` job (a few steps, batch <= 8, max length <= 32) on a
+small jsonl dataset written into tmp_path; its output folder is read back (log.jsonl,
+checkpoint/trainable.safetensors, results.json, adapter/). Nothing is compared with stored
+numbers: every reference is computed in the test (a second run, transformers, a hand formula).
+
+    loss falls          seq-cls (DistilBERT, keyword => label) and causal-lm (Llama, memorised pairs)
+    grad accumulation   --batch-size 4 --grad-accum 2 == --batch-size 8 (seq-cls; causal-lm token-weighted)
+    resume              interrupted + --resume == uninterrupted (LoRA dropout and model dropout on)
+    early stopping      a metric that cannot improve stops the run after `patience` evaluations
+    metrics             seq-cls accuracy / F1 / loss == hand computation from transformers' logits
+    perplexity          evaluate() and sliding_window_perplexity() == transformers' token-weighted loss
+    torchrun            2 processes x batch 4 == 1 process x batch 8
+    bad input           each a clear DataError / LoadError / argparse error naming the problem
+    other paths         generate-label and --method prompt on a decoder, adapter folder contents
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluation
+import train
+from models import LoadError, load_model
+from tiny import NUM_LABELS, random_ids
+
+ROOT = Path(train.__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ------------------------------------------------------------------ helpers
+
+FILLER = "the movie film plot story was is a of and it".split()
+KEYWORDS = ("terrible", "wonderful", "okay")  # the word that decides the label (all in tiny.CORPUS)
+PAIRS = [("the capital of France", "Paris"), ("the capital of Italy", "Rome"),
+         ("water boils at", "100 degrees Celsius"), ("the quick brown fox", "jumps over the lazy dog"),
+         ("I think", "therefore I am"), ("the rain in Spain", "stays mainly in the plain"),
+         ("she sells", "sea shells"), ("good", "morning")]  # answers of different token counts
+
+
+def write_jsonl(folder, split, rows):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def keyword_rows(n, num_labels=2, seed=0):
+    """Label i % num_labels, told by one keyword at a random place among 2-7 filler words."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % num_labels
+        words = [r.choice(FILLER) for _ in range(r.randint(2, 7))]
+        words.insert(r.randrange(len(words) + 1), KEYWORDS[label])
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def keyword_dataset(folder, n_train=16, n_eval=8, num_labels=2):
+    write_jsonl(folder, "train", keyword_rows(n_train, num_labels, seed=0))
+    return write_jsonl(folder, "validation", keyword_rows(n_eval, num_labels, seed=1))
+
+
+def pair_rows(n):
+    return [{"question": q, "answer": a} for q, a in (PAIRS[i % len(PAIRS)] for i in range(n))]
+
+
+def pair_dataset(folder, n_train=16, n_eval=8):
+    write_jsonl(folder, "train", pair_rows(n_train))
+    return write_jsonl(folder, "validation", pair_rows(n_eval))
+
+
+def run(model, dataset, out, *extra):
+    """train.main on a tiny job; returns its final metrics."""
+    argv = ["--model", str(model), "--dataset", str(dataset), "--output-dir", str(out),
+            "--max-length", "32", "--eval-batch-size", "16", *map(str, extra)]
+    return train.main(argv)
+
+
+def log_rows(out, kind="train"):
+    with open(Path(out) / "log.jsonl", encoding="utf-8") as f:
+        return [row for row in map(json.loads, f) if row["kind"] == kind]
+
+
+def final_weights(out):
+    """The trainable weights after the last step (the checkpoint is written after the final evaluation)."""
+    return load_file(str(Path(out) / "checkpoint" / "trainable.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    assert a, "no trainable weights were saved"
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"trainable weights differ by up to {worst:.3g} (> {atol:g})"
+
+
+def no_dropout_copy(tiny, family, task, dest):
+    """A private copy of a tiny checkpoint with every dropout probability of its config set to 0."""
+    folder = tiny.copy(family, task, dest)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    for key, value in cfg.items():
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+            cfg[key] = 0.0
+    path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+# ------------------------------------------------------------------ the loss falls
+
+
+def test_seq_cls_loss_falls(tiny, tmp_path):
+    folder = tiny.folder("distilbert", "base")  # new 2-label head, LoRA on the attention
+    dataset = keyword_dataset(tmp_path / "data", n_train=32, n_eval=16)
+    out = tmp_path / "out"
+    after = run(folder, dataset, out, "--max-steps", 32, "--batch-size", 8, "--lr", 1e-2,
+                "--schedule", "constant", "--warmup", 0)
+    losses = [row["loss"] for row in log_rows(out)]
+    assert [row["step"] for row in log_rows(out)] == list(range(1, 33))
+    assert all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, f"train loss went from {first:.3f} to {last:.3f}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "seq-cls" and results["labels"] == [0, 1]
+    assert results["after"] == after
+    assert after["loss"] < results["before"]["loss"]
+    assert after["accuracy"] >= 0.75
+
+
+def test_causal_lm_loss_falls(tiny, tmp_path):
+    folder = tiny.folder("llama", "causal-lm")
+    dataset = pair_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    after = run(folder, dataset, out, "--max-steps", 20, "--batch-size", 8, "--lr", 3e-2,
+                "--schedule", "constant", "--warmup", 0)
+    losses = [row["loss"] for row in log_rows(out)]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 1.0, f"train loss went from {first:.3f} to {last:.3f}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "causal-lm"
+    assert after["perplexity"] < results["before"]["perplexity"] / 3
+    assert after["perplexity"] == pytest.approx(math.exp(after["loss"]), rel=1e-9)
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+@pytest.mark.parametrize("task", ["seq-cls", "causal-lm"])
+def test_grad_accumulation_equals_big_batch(tiny, tmp_path, task):
+    """2 micro-batches of 4 make the same optimizer steps as 1 batch of 8: the loss is divided by the
+    step's total examples (seq-cls) or label tokens (causal-lm, answers of different lengths)."""
+    if task == "seq-cls":  # no dropout: the two runs draw different masks
+        folder = no_dropout_copy(tiny, "distilbert", "base", tmp_path / "model")
+        dataset = keyword_dataset(tmp_path / "data", n_train=16, n_eval=8)
+    else:
+        folder = tiny.folder("llama", "causal-lm")  # no dropout in Llama
+        dataset = pair_dataset(tmp_path / "data", n_train=16, n_eval=8)
+    common = ["--max-steps", 4, "--lr", 1e-2, "--seed", 3]  # 4 steps = 2 epochs of 16 rows
+    run(folder, dataset, tmp_path / "big", "--batch-size", 8, "--grad-accum", 1, *common)
+    run(folder, dataset, tmp_path / "accum", "--batch-size", 4, "--grad-accum", 2, *common)
+    big, accum = log_rows(tmp_path / "big"), log_rows(tmp_path / "accum")
+    assert [r["step"] for r in big] == [r["step"] for r in accum] == [1, 2, 3, 4]
+    for b, a in zip(big, accum):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["epoch"] == b["epoch"]
+    before = load_model(folder, task="seq-cls" if task == "seq-cls" else "causal-lm")[0]
+    trained = final_weights(tmp_path / "big")
+    assert any(n not in dict(before.named_parameters()) for n in trained)  # LoRA A/B were trained
+    assert_same_weights(trained, final_weights(tmp_path / "accum"), atol=1e-5)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def resume_args(extra=()):
+    # DistilBERT keeps its own dropout (0.1) and LoRA dropout is on: the RNG state matters.
+    # 16 rows / batch 4 = 4 micro-batches per epoch, so 6 steps cross an epoch boundary;
+    # linear schedule with warmup, so the scheduler state matters too.
+    return ["--max-steps", 6, "--batch-size", 4, "--lr", 1e-2, "--dropout", 0.1, "--warmup", 2, *extra]
+
+
+def interrupting(monkeypatch, name, on_call, exc=KeyboardInterrupt):
+    """Make train.<name> raise `exc` on its `on_call`-th call."""
+    original = getattr(train, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise exc("simulated interruption")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, wrapper)
+    return calls
+
+
+def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=KeyboardInterrupt,
+                 expect_step=3):
+    folder = tiny.folder("distilbert", "base")
+    dataset = keyword_dataset(tmp_path / "data")
+    args = resume_args(extra)
+    run(folder, dataset, tmp_path / "straight", *args)
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        interrupting(m, patch, on_call, exc)
+        with pytest.raises(exc):
+            run(folder, dataset, out, *args)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == expect_step
+    run(folder, dataset, out, *args, "--resume")
+
+    straight = {r["step"]: r["loss"] for r in log_rows(tmp_path / "straight")}
+    resumed = {r["step"]: r["loss"] for r in log_rows(out)}  # the resumed run appends; later rows win
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), f"train loss of step {step}"
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out), atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py bug: a KeyboardInterrupt inside step 4's forward saves state['micro'] already advanced "
+    "past step 4's micro-batches (they are taken before the loss is computed), so --resume skips them"))
+def test_resume_after_interrupt_in_a_step(tiny, tmp_path, monkeypatch):
+    # loss_sum's 4th call = the forward of step 4: interrupted after step 3
+    check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=4)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py bug: a KeyboardInterrupt between steps (here in the evaluation after step 3) saves the "
+    "RNG state of the *start* of step 3, so the resumed step 4 replays step 3's dropout draws"))
+def test_resume_after_interrupt_during_evaluation(tiny, tmp_path, monkeypatch):
+    # evaluate's calls: 1 = 'before', 2 = after step 3 (--eval-every 3)
+    check_resume(tiny, tmp_path, monkeypatch, "evaluate", on_call=2, extra=["--eval-every", 3])
+
+
+def test_resume_from_periodic_checkpoint_after_crash(tiny, tmp_path, monkeypatch):
+    """A crash (not Ctrl-C: no checkpoint on the way out) in step 5 leaves the --save-every 3
+    checkpoint of step 3; --resume from it redoes steps 4-6 exactly."""
+    check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=5, extra=["--save-every", 3],
+                 exc=RuntimeError)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
+    dataset = keyword_dataset(tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        run(tiny.folder("distilbert", "base"), dataset, tmp_path / "out", "--max-steps", 1, "--resume")
+
+
+# ------------------------------------------------------------------ early stopping
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping(tiny, tmp_path, patience):
+    """Every evaluation row has the same text, half labelled 0 and half 1: accuracy is 0.5 whatever
+    the model predicts, so it never improves after the first evaluation."""
+    write_jsonl(tmp_path / "data", "train", keyword_rows(16))
+    dataset = write_jsonl(tmp_path / "data", "validation",
+                          [{"text": "the movie was a movie", "label": i % 2} for i in range(8)])
+    out = tmp_path / "out"
+    run(tiny.folder("bert", "base"), dataset, out, "--max-steps", 10, "--batch-size", 8, "--lr", 1e-2,
+        "--eval-every", 1, "--early-stopping-patience", patience)
+    assert log_rows(out)[-1]["step"] == patience + 1 < 10
+    evals = log_rows(out, "eval")
+    assert [r["step"] for r in evals] == list(range(1, patience + 2))
+    assert all(r["metrics"]["accuracy"] == 0.5 for r in evals)
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_step"] == 1
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == patience + 1
+
+
+# ------------------------------------------------------------------ metrics against transformers
+
+
+def f1_by_hand(preds, labels, classes):
+    scores = []
+    for c in classes:
+        tp = sum(p == c and y == c for p, y in zip(preds, labels))
+        fp = sum(p == c and y != c for p, y in zip(preds, labels))
+        fn = sum(p != c and y == c for p, y in zip(preds, labels))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return scores
+
+
+@pytest.mark.parametrize("family,num_labels,seed", [("distilbert", 3, 0), ("bert", 3, 1), ("distilbert", 2, 0)])
+def test_seq_cls_metrics_equal_hand_computation(tmp_path, family, num_labels, seed):
+    """Seeds whose random head predicts more than one class on these rows (a random BERT pooler
+    often saturates into a constant prediction); 2 labels also give f1_binary."""
+    from tiny import load_hf, write_checkpoint
+
+    folder = tmp_path / "model"
+    write_checkpoint(folder, family, "seq-cls", seed=seed, num_labels=num_labels)
+    hf = load_hf(folder, family, "seq-cls")
+    model, tokenizer = load_model(folder, task="seq-cls", num_labels=num_labels)
+    rows = keyword_rows(15, num_labels, seed=2)
+    examples = data.encode_classification(rows, tokenizer, 32, list(range(num_labels)), "test")
+    got = evaluation.evaluate(model, examples, "seq-cls", tokenizer, batch_size=4)  # padded batches
+
+    labels = [row["label"] for row in rows]
+    with torch.no_grad():  # transformers, one unpadded example at a time
+        logits = torch.cat([hf(input_ids=torch.tensor([e["input_ids"]])).logits for e in examples])
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4, "an argmax near a tie: pick other rows"
+    preds = logits.argmax(-1).tolist()
+    assert len(set(preds)) > 1, "the random model predicts one class only: the F1 check would be weak"
+    classes = sorted(set(preds) | set(labels))
+    expected = {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+                "f1": sum(f1_by_hand(preds, labels, classes)) / len(classes),
+                "loss": torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()}
+    if num_labels == 2:
+        expected["f1_binary"] = f1_by_hand(preds, labels, [1])[0]
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def hf_example(hf_tok, row):
+    """input_ids / labels built with transformers' tokenizer: -100 on the prompt, the answer + eos scored."""
+    if "question" in row:
+        prompt = hf_tok(f"Question: {row['question']}\nAnswer: ")["input_ids"]
+        answer = hf_tok(row["answer"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
+        return prompt + answer, [-100] * len(prompt) + answer
+    ids = hf_tok(row["text"])["input_ids"]
+    return ids, list(ids)
+
+
+@pytest.mark.parametrize("kind", ["pairs", "text"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_perplexity_equals_transformers(tiny, family, kind):
+    from transformers import AutoTokenizer
+
+    folder, hf = tiny.get(family, "causal-lm")
+    model, tokenizer = load_model(folder, task="causal-lm")
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    rows = pair_rows(7) if kind == "pairs" else [{"text": " ".join(q for q, _ in PAIRS[i:i + 3])} for i in range(6)]
+    examples = data.encode_causal_lm(rows, tokenizer, 64)  # 64 positions: nothing is cut
+    got = evaluation.evaluate(model, examples, "causal-lm", tokenizer, batch_size=3)
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row, example in zip(rows, examples):
+            ids, labels = hf_example(hf_tok, row)
+            assert example["input_ids"] == ids and example["labels"] == labels
+            n = sum(y != -100 for y in labels[1:])  # HF shifts: label t is predicted at t - 1
+            loss = hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+            total, count = total + loss * n, count + n
+    if kind == "pairs":
+        assert count == sum(len(hf_tok(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def hf_sliding_window(hf, ids, window, stride):
+    """The loop of transformers' perplexity guide: each window scores the tokens after the previous end."""
+    length = len(ids)
+    total, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, length, stride):
+            end = min(begin + window, length)
+            chunk = ids[begin:end][None]
+            labels = chunk.clone()
+            labels[:, :chunk.shape[1] - (end - prev_end)] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            total += hf(input_ids=chunk, labels=labels).loss.item() * n
+            count += n
+            prev_end = end
+            if end == length:
+                break
+    return total, count
+
+
+@pytest.mark.parametrize("length,window,stride", [(150, 32, 16), (150, 32, 31), (150, 64, 24), (50, 64, 64),
+                                                  (150, 32, 32)])
+def test_sliding_window_perplexity_equals_transformers(tiny, length, window, stride):
+    folder, hf = tiny.get("llama", "causal-lm")
+    model = load_model(folder, task="causal-lm")[0]
+    ids = random_ids("llama", 1, length, seed=5)[0]
+    total, count = evaluation.sliding_window_perplexity(model, ids.tolist(), window, stride)
+    ref_total, ref_count = hf_sliding_window(hf, ids, window, stride)
+    assert count == ref_count
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    if stride < window or window >= length:
+        assert count == length - 1  # every token but the first scored exactly once
+    if window >= length:  # one window: the plain loss of the whole sequence
+        with torch.no_grad():
+            whole = hf(input_ids=ids[None], labels=ids[None]).loss.item()
+        assert total / count == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "evaluation.sliding_window_perplexity accepts stride >= window but then never scores the first "
+    "token of every window after the first (no context left for it): 145 of 149 tokens for "
+    "150 tokens, window = stride = 32, while its docstring says each token is scored once"))
+@pytest.mark.parametrize("stride", [32, 40])
+def test_sliding_window_without_overlap_scores_every_token_or_refuses(tiny, stride):
+    model = load_model(tiny.folder("llama", "causal-lm"), task="causal-lm")[0]
+    ids = random_ids("llama", 1, 150, seed=5)[0].tolist()
+    try:
+        _, count = evaluation.sliding_window_perplexity(model, ids, 32, stride)
+    except ValueError:
+        return  # refusing stride >= window is fine too
+    assert count == len(ids) - 1
+
+
+# ------------------------------------------------------------------ torchrun
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_processes_equal_one(tiny, tmp_path):
+    folder = no_dropout_copy(tiny, "bert", "seq-cls", tmp_path / "model")  # ranks draw different masks
+    dataset = keyword_dataset(tmp_path / "data", n_train=24, n_eval=8, num_labels=NUM_LABELS)
+    common = ["--model", str(folder), "--dataset", str(dataset), "--max-length", "16", "--max-steps", "3",
+              "--lr", "1e-2", "--eval-batch-size", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *common, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train.main([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "single")])
+
+    ddp, single = log_rows(tmp_path / "ddp"), log_rows(tmp_path / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 3]
+    for d, s in zip(ddp, single):
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"), atol=1e-5)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def bad_run(tiny, tmp_path, splits, *extra, family=("bert", "base")):
+    for split, rows in splits.items():
+        write_jsonl(tmp_path / "data", split, rows)
+    return run(tiny.folder(*family), tmp_path / "data", tmp_path / "out", "--max-steps", 1, *extra)
+
+
+GOOD = keyword_rows(8)
+
+
+@pytest.mark.parametrize("train_rows,eval_rows,extra,message", [
+    ([{"text": "a film"}] * 4, [{"text": "a film"}] * 4, ["--task", "seq-cls"],
+     r"split 'train' lacks column\(s\) label needed by seq-cls; it has text"),
+    ([{"body": "a film", "label": 0}] * 4, [{"body": "a film", "label": 0}] * 4, ["--task", "seq-cls"],
+     r"split 'train' lacks column\(s\) text needed by seq-cls; it has body, label"),
+    (GOOD, [{"text": "a film"}] * 4, [], r"split 'validation' lacks column\(s\) label"),
+    ([{"body": "a film", "stars": 3}] * 4, [{"body": "a film", "stars": 3}] * 4, [],
+     r"cannot infer the task from columns \['body', 'stars'\]; pass --task"),
+    (pair_rows(4), pair_rows(4), ["--task", "generate-label"], r"split 'train' lacks column\(s\) label, text"),
+], ids=["no-label", "no-text", "eval-no-label", "no-task", "pairs-as-generate-label"])
+def test_missing_columns(tiny, tmp_path, train_rows, eval_rows, extra, message):
+    with pytest.raises(data.DataError, match=message):
+        bad_run(tiny, tmp_path, {"train": train_rows, "validation": eval_rows}, *extra)
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "data.py bug: check_rows looks at the first row's columns only; a later row without 'label' "
+    "ends in a bare KeyError: 'label' from data.label_names"))
+def test_row_missing_a_column(tiny, tmp_path):
+    rows = GOOD[:3] + [{"text": "a film without a label"}] + GOOD[3:]
+    with pytest.raises(data.DataError, match="label"):
+        bad_run(tiny, tmp_path, {"train": rows, "validation": GOOD})
+
+
+@pytest.mark.parametrize("empty", ["train", "validation"])
+def test_empty_split(tiny, tmp_path, empty):
+    splits = {"train": GOOD, "validation": GOOD, empty: []}
+    with pytest.raises(data.DataError, match=f"split '{empty}' is empty"):
+        bad_run(tiny, tmp_path, splits, "--task", "seq-cls")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "usability bug: with the task inferred, an empty train.jsonl is reported as "
+    "\"cannot infer the task from columns []; pass --task\" (and passing --task then says it is empty)"))
+def test_empty_train_file_without_task(tiny, tmp_path):
+    with pytest.raises(data.DataError, match="empty"):
+        bad_run(tiny, tmp_path, {"train": [], "validation": GOOD})
+
+
+def test_unknown_task(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "token-cls")
+    assert exc.value.code == 2
+    assert "--task: invalid choice: 'token-cls'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_label_out_of_range(tiny, tmp_path, split):
+    bad = [dict(row) for row in GOOD]
+    bad[5]["label"] = -1  # int labels must be ids 0..K-1
+    splits = {"train": GOOD, "validation": GOOD, split: bad}
+    with pytest.raises(data.DataError, match=rf"split '{split}' row 5: label -1 is out of range \(expected one of \[0, 1\]\)"):
+        bad_run(tiny, tmp_path, splits)
+
+
+def test_label_words_must_match_labels(tiny, tmp_path):
+    with pytest.raises(data.DataError, match=r"--label-words gives 3 words for 2 labels \[0, 1\]"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
+                "--label-words", "bad,good,okay", family=("gpt2", "causal-lm"))
+
+
+def test_max_length_beyond_positions(tiny, tmp_path):
+    with pytest.raises(LoadError, match="--max-length 100 exceeds .*maximum of 64 positions"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--max-length", 100)
+
+
+def test_causal_lm_needs_a_decoder(tiny, tmp_path):
+    with pytest.raises(LoadError, match="needs a decoder"):
+        bad_run(tiny, tmp_path, {"train": pair_rows(4), "validation": pair_rows(4)}, "--task", "causal-lm")
+
+
+# ------------------------------------------------------------------ generate-label, prompt tuning
+
+
+def assert_adapter_folder(folder):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    return json.loads((folder / "adapter_config.json").read_text()), load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_generate_label_end_to_end(tiny, tmp_path):
+    dataset = keyword_dataset(tmp_path / "data", n_train=8, n_eval=8)
+    out = tmp_path / "out"
+    after = run(tiny.folder("gpt2", "causal-lm"), dataset, out, "--task", "generate-label",
+                "--label-words", "terrible,wonderful", "--max-steps", 2, "--batch-size", 4, "--lr", 1e-2)
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "generate-label" and results["labels"] == [0, 1]
+    assert results["after"] == after
+    for metrics in (results["before"], after):
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["f1"] <= 1
+        assert metrics["accuracy"] in {k / 8 for k in range(9)}  # a fraction of the 8 rows
+    assert all(math.isfinite(r["loss"]) for r in log_rows(out))
+    config, tensors = assert_adapter_folder(out / "adapter")
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert any("lora_A" in k for k in tensors) and any("lora_B" in k for k in tensors)
+
+
+def test_prompt_tuning_end_to_end(tiny, tmp_path):
+    dataset = pair_dataset(tmp_path / "data", n_train=8, n_eval=4)
+    out = tmp_path / "out"
+    after = run(tiny.folder("llama", "causal-lm"), dataset, out, "--method", "prompt", "--num-virtual-tokens", 4,
+                "--max-steps", 3, "--batch-size", 4, "--lr", 3e-2)
+    assert math.isfinite(after["loss"])
+    config, tensors = assert_adapter_folder(out / "adapter")
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
+    assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].shape == (4, 32)
+    trained = load_file(str(out / "best" / "trainable.safetensors"))  # the weights the adapter was saved from
+    assert len(trained) == 1, f"prompt tuning should train the prompt only, got {list(trained)}"
+    assert torch.equal(next(iter(trained.values())), tensors["prompt_embeddings"])
