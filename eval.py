@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=None, help="plain text: perplexity window in tokens (default: --max-length)")
     p.add_argument("--stride", type=int, default=None, help="plain text: window advance (default: window / 2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
+    p.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none", help="quantize the base while loading")
     p.add_argument("--predict", nargs="+", default=None, metavar="TEXT", help="print softmax probabilities per label for these texts")
     p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
     p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier")
@@ -57,7 +58,8 @@ def parse_args(argv=None):
 
 def load_variant(args, folder, model_task, num_labels, entry):
     """The base model with one adapter (or none) applied, optionally merged."""
-    model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
+                                  quant=None if args.quant == "none" else args.quant)
     if entry == "base":
         return model, tokenizer
     model = load_adapter(model, entry, adapter_name="default")

@@ -70,13 +70,16 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 lora, 3e-2 prompt, 2e-5 none)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: lora 3e-3 for seq-cls, else 1e-3; prompt 3e-2; none 2e-5)")
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear", help="decay after warmup")
     g.add_argument("--warmup", type=float, default=0.06, help="warmup: a fraction of the steps if < 1, else a step count")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and subsets")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
+    g.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none",
+                   help="quantize the frozen base while loading (QLoRA: nf4; nf4-dq adds double quantization)")
     g.add_argument("--autocast", action="store_true", help="bf16 autocast for forward/backward (weights stay in --dtype)")
     g = p.add_argument_group("evaluation, checkpoints and output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0 = at the end only)")
@@ -95,8 +98,6 @@ def parse_args(argv=None):
         p.error("--max-steps and --epochs must be positive")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.lr is None:
-        args.lr = {"lora": 1e-3, "prompt": 3e-2, "none": 2e-5}[args.method]
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).name}-{args.method}")
     return args
@@ -278,7 +279,8 @@ def build_model(args, folder, cfg, task, num_labels):
     max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     if args.max_length > max_positions:
         raise LoadError(f"--max-length {args.max_length} exceeds {args.model}'s maximum of {max_positions} positions")
-    return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype))
+    return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
+                      quant=None if args.quant == "none" else args.quant)
 
 
 def add_method(args, model, tokenizer):
@@ -312,6 +314,8 @@ def main(argv=None):
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
+    if args.lr is None:
+        args.lr = {"lora": 3e-3 if task == "seq-cls" else 1e-3, "prompt": 3e-2, "none": 2e-5}[args.method]
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
     if metric not in HIGHER_IS_BETTER:
         raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")

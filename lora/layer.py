@@ -52,6 +52,7 @@ magnitude, the trailing ".weight" (X = module path, saved with peft's "base_mode
 """
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -254,6 +255,8 @@ class LoRALinear(nn.Module):
         if hasattr(base, "dequantized_weight"):
             if not hasattr(base, "requantize_"):
                 raise NotImplementedError(f"{type(base).__name__} has no requantize_(weight); cannot merge into it")
+            warnings.warn("merging into a quantized base layer: W + ΔW is requantized, which rounds it; "
+                          "outputs will differ slightly from the unmerged model", UserWarning, stacklevel=3)
             base.requantize_(weight)
         else:
             base.weight.data.copy_(weight.t() if self.fan_in_fan_out else weight)

@@ -20,6 +20,7 @@ from .tokenizer import Tokenizer
 
 FAMILIES = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2, "llama": llama, "qwen2": llama}
 TASKS = ("causal-lm", "seq-cls", "base")
+QUANT = ("nf4", "nf4-dq", "int8")
 ALIASES = {
     "distilbert": "distilbert/distilbert-base-uncased",
     "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
@@ -105,10 +106,42 @@ def is_new_head(name, model):
     return any(name == head or name.startswith(head + ".") for head in model.new_head_names)
 
 
-def load_weights(model, folder, dtype, prefix, std):
-    """Read each tensor of the checkpoint once into the meta-built `model`; initialise new heads."""
+def quantized_layer(module, tensors, quant, dtype):
+    """A Linear4bit/Linear8bit holding `tensors` (the weight and bias of the linear `module`)."""
+    from quant.linear import Linear4bit, Linear8bit
+
+    weight = tensors["weight"].t() if type(module).__name__ == "Conv1D" else tensors["weight"]  # (out, in)
+    cls, options = {"nf4": (Linear4bit, {}), "nf4-dq": (Linear4bit, {"double_quant": True}),
+                    "int8": (Linear8bit, {})}[quant]
+    layer = cls(weight.shape[1], weight.shape[0], "bias" in tensors, compute_dtype=dtype, **options)
+    layer.requantize_(weight)
+    if "bias" in tensors:
+        layer.bias.data = tensors["bias"]
+    return layer
+
+
+def quantization_targets(model, quant):
+    """The linear layers a quantized load replaces: all but the task heads (and the tied LM head)."""
+    if quant is None:
+        return {}
+    if quant not in QUANT:
+        raise LoadError(f"unknown quantization {quant!r}; choose from {', '.join(QUANT)}")
+    heads = ("lm_head", "score", "classifier", "pre_classifier", "pooler")
+    return {name: m for name, m in model.named_modules()
+            if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+            and not any(f".{h}." in f".{name}." for h in heads)}
+
+
+def load_weights(model, folder, dtype, prefix, std, quant=None):
+    """Read each tensor of the checkpoint once into the meta-built `model`; initialise new heads.
+
+    With `quant`, each target linear layer is quantized as soon as its tensors are read, so at most
+    one layer's full-precision weight is alive at a time (QLoRA's point: the fp32 model never exists).
+    """
     tied = getattr(model, "tie_word_embeddings", False)
     ours = {name: p.shape for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")}
+    targets = quantization_targets(model, quant)
+    pending = {}  # layer name -> its tensors read so far
     state = {}
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
@@ -120,12 +153,19 @@ def load_weights(model, folder, dtype, prefix, std):
                 if shape != tuple(ours[name]):
                     raise LoadError(f"{file}: tensor {key} has shape {shape}, the model expects {tuple(ours[name])}"
                                     + (" (pass num_labels to match the checkpoint)" if is_new_head(name, model) else ""))
-                state[name] = f.get_tensor(key).to(dtype)
+                owner, _, attr = name.rpartition(".")
+                if owner not in targets:
+                    state[name] = f.get_tensor(key).to(dtype)
+                    continue
+                pending.setdefault(owner, {})[attr] = f.get_tensor(key).to(dtype)
+                if len(pending[owner]) == len(list(targets[owner].parameters())):
+                    model.set_submodule(owner, quantized_layer(targets[owner], pending.pop(owner), quant, dtype))
+                    state.update({f"{owner}.{a}": None for a in ("weight", "bias")})
     missing = [n for n in ours if n not in state and not is_new_head(n, model)]
     if missing:
         raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
     for head in model.new_head_names:
         module = model.get_submodule(head)
         if any(p.is_meta for p in module.parameters()):
@@ -135,10 +175,12 @@ def load_weights(model, folder, dtype, prefix, std):
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
 
 
-def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None):
+def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None, quant=None):
     """Load a Hugging Face checkpoint into our model. Returns (model in eval mode, Tokenizer).
 
     task: "causal-lm" (logits (B, T, vocab)), "seq-cls" (logits (B, num_labels)) or "base" (hidden (B, T, C)).
+    quant: None, "nf4", "nf4-dq" (NF4 + double quantization) or "int8" (LLM.int8): the linear layers
+    except the heads are quantized while loading (quant/), computing in `dtype`.
     """
     if task not in TASKS:
         raise LoadError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -156,7 +198,7 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
         raise LoadError(f"{folder}/config.json lacks the key {e.args[0]!r} that {cfg['model_type']} needs") from None
     except ValueError as e:
         raise LoadError(f"{folder}: {e}") from None
-    load_weights(model, folder, dtype, family.BASE_PREFIX, cfg.get("initializer_range", 0.02))
+    load_weights(model, folder, dtype, family.BASE_PREFIX, cfg.get("initializer_range", 0.02), quant)
     model.config, model.name_or_path = cfg, str(name_or_path)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     return model.eval(), tokenizer

@@ -1,0 +1,63 @@
+"""Peak memory of one LoRA training step on smollm2-135m: fp32 base vs QLoRA (NF4) base, in one run.
+
+    python bench/bench_qlora_memory.py [--batch 4] [--tokens 256]
+
+Each configuration runs in a fresh subprocess (peak RSS is per process): load the model (quantizing
+while loading for QLoRA), apply LoRA r=8 on q_proj,v_proj, one forward/backward/AdamW step on a
+causal-LM batch with every token labelled. Prints peak RSS, model bytes and the saving as a ratio
+of the weight bytes saved (target >= 0.8).
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+from common import ROOT, model_dir
+
+CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+from models import load_model
+from lora import LoraConfig, apply_lora
+from quant import model_bytes
+from evaluation import next_token_nll
+quant = {quant!r}
+model, _ = load_model({folder!r}, task="causal-lm", quant=quant)
+weights = model_bytes(model)["total"]
+apply_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(100, 40000, ({batch}, {tokens}))
+batch = {{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}}
+model.train()
+nll, n = next_token_nll(model, batch)
+(nll / n).backward()
+opt.step()
+print(json.dumps({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "weights": weights}}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
+    args = parser.parse_args()
+    folder = model_dir("smollm2-135m")
+    if not folder.is_dir():
+        sys.exit(f"smollm2-135m not found in {folder.parent}; run python ../shared/tools/fetch_models.py")
+    results = {}
+    for quant in (None, "nf4", "nf4-dq"):
+        code = CHILD.format(root=str(ROOT), folder=str(folder), quant=quant, batch=args.batch, tokens=args.tokens)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        results[quant or "fp32"] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results["fp32"]
+    print(f"smollm2-135m, LoRA r=8 q_proj,v_proj, batch {args.batch} x {args.tokens} tokens")
+    print("| base | model bytes (MB) | peak RSS of a step (GB) | RSS saved (GB) | saved / weight bytes saved |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        saved_rss, saved_w = base["peak_rss"] - r["peak_rss"], base["weights"] - r["weights"]
+        ratio = f"{saved_rss / saved_w:.2f}" if saved_w else "-"
+        print(f"| {name} | {r['weights'] / 1e6:.0f} | {r['peak_rss'] / 1e9:.2f} | {saved_rss / 1e9:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
