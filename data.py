@@ -102,6 +102,8 @@ def pair_columns(rows):
 
 def infer_task(rows, is_decoder):
     """seq-cls for labelled text, causal-lm for pairs or plain text (decoders only)."""
+    if not rows:
+        raise DataError("the train split is empty")
     cols = columns_of(rows)
     if "label" in cols and text_column(rows):
         return "seq-cls"
@@ -120,6 +122,10 @@ def check_rows(rows, task, split):
         if missing:
             raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
                             f"it has {', '.join(sorted(cols))}")
+        text = text_column(rows)
+        for number, row in enumerate(rows):
+            if row.get("label") is None or row.get(text) is None:
+                raise DataError(f"split {split!r} row {number}: missing {'label' if row.get('label') is None else text}")
     elif task == "causal-lm":
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "

@@ -35,8 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="Hub name or local folder/file (see train.py)")
     p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
     p.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
-    p.add_argument("--samples", type=int, default=None, help="random subset of the split")
-    p.add_argument("--seed", type=int, default=0, help="seed for the subset")
+    p.add_argument("--samples", type=int, default=None, help="evaluate the first N rows of the split (all when omitted)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example")
     p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     p.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id")
@@ -53,6 +52,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.dataset or args.predict or args.generate):
         p.error("pass --dataset, --predict or --generate")
+    window = args.window or args.max_length
+    if args.stride is not None and not 0 < args.stride < window:
+        p.error(f"--stride must be between 1 and the window ({window}) - 1, got {args.stride}")
     return args
 
 
@@ -101,7 +103,7 @@ def main(argv=None):
 
     splits = data.load_splits(args.dataset)
     split = data.pick_split(splits, args.split, ("test", "validation", "train"))
-    rows = data.subsample(splits[split], args.samples, args.seed)
+    rows = splits[split][:args.samples]
     task = args.task or data.infer_task(rows, is_decoder)
     data.check_rows(rows, task, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)

@@ -111,6 +111,8 @@ def sliding_window_perplexity(model, token_ids, window, stride):
     Each window of `window` tokens scores only its last `stride` new tokens (the first window
     scores all), so every scored token sees up to window - stride tokens of context.
     """
+    if not 0 < stride < window:
+        raise ValueError(f"stride must be in [1, window - 1] so every window has context, got {stride} for window {window}")
     model.eval()
     ids = torch.tensor(token_ids)[None]
     total, count, scored_until = 0.0, 0, 0

@@ -12,6 +12,7 @@ weights, optimizer, scheduler, RNG, data position) every N steps and on interrup
 position is just (epoch, micro-batch index).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -277,8 +278,10 @@ def build_model(args, folder, cfg, task, num_labels):
     if model_task == "causal-lm" and cfg["model_type"] not in DECODERS:
         raise LoadError(f"task {task} needs a decoder; {args.model} is a {cfg['model_type']} encoder (use --task seq-cls)")
     max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    if args.max_length > max_positions:
-        raise LoadError(f"--max-length {args.max_length} exceeds {args.model}'s maximum of {max_positions} positions")
+    needed = args.max_length + (args.num_virtual_tokens if args.method == "prompt" else 0)
+    if needed > max_positions:
+        raise LoadError(f"--max-length {args.max_length}" + (f" + {args.num_virtual_tokens} virtual tokens"
+                        if args.method == "prompt" else "") + f" exceeds {args.model}'s maximum of {max_positions} positions")
     return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
                       quant=None if args.quant == "none" else args.quant)
 
@@ -322,8 +325,13 @@ def main(argv=None):
     if task == "causal-lm" and tokenizer.pad_token_id is None:
         raise LoadError("the tokenizer has no pad or eos token to pad batches with")
 
+    eval_seconds = [0.0]
+
     def run_eval(examples, desc, rouge=False):
-        return evaluate(model, examples, task, tokenizer, args.eval_batch_size, words, rouge=rouge, desc=desc)
+        start = time.time()
+        result = evaluate(model, examples, task, tokenizer, args.eval_batch_size, words, rouge=rouge, desc=desc)
+        eval_seconds[0] += time.time() - start
+        return result
 
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad_evals": 0, "before": None}
     if args.resume and (out / "checkpoint" / "state.json").is_file():
@@ -366,12 +374,11 @@ def main(argv=None):
             save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, rng)
 
     epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
-    step_rng = rng_state()
+    committed = (copy.deepcopy(state), rng_state())  # the last finished step: what an interruption saves
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
-    started = time.time()
+    started, eval_seconds[0] = time.time(), 0.0
     try:
         while state["step"] < total_steps:
-            step_rng = rng_state()  # a resumed run restarts this step with the same dropout draws
             model.train()
             group = []
             for _ in range(args.grad_accum):
@@ -397,6 +404,7 @@ def main(argv=None):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            committed = (copy.deepcopy(state), rng_state())
             step_loss = all_sum(step_loss, world) / (denominator * world)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -436,7 +444,8 @@ def main(argv=None):
         if is_main:
             print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
                   "run again with --resume to continue", file=sys.stderr)
-        checkpoint(step_rng)
+        state = committed[0]  # the weights and optimizer are still those of the last finished step
+        checkpoint(committed[1])
         raise
     finally:
         bar.close()
@@ -451,7 +460,7 @@ def main(argv=None):
         print(results_table(state["before"], after))
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
-                       "labels": names, "train_seconds": time.time() - started}, f, indent=2)
+                       "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}, f, indent=2)
         save_output(model, tokenizer, out / "adapter", args)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")

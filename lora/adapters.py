@@ -124,15 +124,17 @@ def default_heads(model):
     return [n.rsplit(".", 1)[-1] for n in model.new_head_names]
 
 
-def wrap_heads(model, names, adapter_name):
-    """Give `adapter_name` a trainable copy of every module whose name ends with one of `names`.
-
-    peft's rule is a plain string suffix, so "classifier" also selects DistilBERT's "pre_classifier";
-    we follow it so that peft's files and ours hold the same heads.
-    """
+def head_names(model, names):
+    """Modules whose name ends with one of `names` (peft's plain-suffix rule, so "classifier" also
+    selects DistilBERT's "pre_classifier"; following it keeps peft's files and ours alike)."""
     inside = [n + "." for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
-    chosen = [n for n, _ in model.named_modules()
-              if n and any(n.endswith(t) for t in names) and not any(n.startswith(w) for w in inside)]
+    return [n for n, _ in model.named_modules()
+            if n and any(n.endswith(t) for t in names) and not any(n.startswith(w) for w in inside)]
+
+
+def wrap_heads(model, names, adapter_name):
+    """Give `adapter_name` a trainable copy of every module selected by head_names(model, names)."""
+    chosen = head_names(model, names)
     for name in chosen:
         head = model.get_submodule(name)
         if not isinstance(head, ModulesToSave):
@@ -155,8 +157,12 @@ def apply_lora(model, config=None, adapter_name="default"):
     targets = config.target_modules or DEFAULT_TARGETS.get(model_type(model))
     if not targets:
         raise AdapterError(f"no default target modules for model type {model_type(model)!r}; pass target_modules")
+    save = default_heads(model) if config.modules_to_save is None else config.modules_to_save
+    trained_in_full = [h + "." for h in head_names(model, save)] if save else []
     available = linear_layer_names(model)
-    chosen = [name for name in available if matches(name, targets)]
+    # a layer inside a module that is trained in full gets no adapter (as in peft)
+    chosen = [name for name in available if matches(name, targets)
+              and not any((name + ".").startswith(h) for h in trained_in_full)]
     if not chosen:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in available})
         raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "
@@ -170,7 +176,6 @@ def apply_lora(model, config=None, adapter_name="default"):
             model.set_submodule(name, layer)
         layer.add_adapter(adapter_name, config.r, config.alpha, config.dropout, config.use_rslora,
                           config.use_dora, config.init)
-    save = default_heads(model) if config.modules_to_save is None else config.modules_to_save
     wrap_heads(model, save, adapter_name)
     config = copy.deepcopy(config)
     config.target_modules, config.modules_to_save = targets, list(save)

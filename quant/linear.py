@@ -39,7 +39,9 @@ class _QuantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return layer.matmul(x)
+        y = layer.matmul(x)
+        # a view cannot leave a custom Function if the caller then adds to it in place (LoRA does)
+        return y.clone() if y._is_view() else y
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -538,3 +538,22 @@ def test_folder_without_adapter_files(tiny, tmp_path):
     with pytest.raises(AdapterError, match="adapter_model.safetensors"):
         load_adapter(model, tmp_path / "half")
     assert not getattr(model, "peft_config", None)
+
+
+def test_targets_inside_a_module_to_save_get_no_adapter_and_reload(tiny, tmp_path):
+    """BERT seq-cls with `dense` targeted: the pooler (trained in full) keeps a plain dense, as in peft,
+    and the saved adapter loads back into a fresh model with the same logits."""
+    folder = tiny.folder("bert", "seq-cls")
+    model = load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0]
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["query", "value", "dense"]))
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert names and not any("pooler" in n for n in names)
+    assert any(n.endswith("attention.output.dense") for n in names)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0], tmp_path)
+    ids = random_ids("bert", 2, 7)
+    torch.testing.assert_close(fresh(ids), model.eval()(ids), atol=1e-6, rtol=0)

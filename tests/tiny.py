@@ -159,6 +159,12 @@ def _train_tokenizer(kind: str):
         tok.decoder = decoders.WordPiece(prefix="##")
         trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, min_frequency=1)
         tok.train_from_iterator(CORPUS, trainer=trainer)
+        # the trainer's vocabulary order follows a per-process hash seed; rebuild it sorted so token
+        # ids are the same in every session (and in torchrun's worker processes)
+        vocab = tok.get_vocab()
+        ordered = specials + sorted(t for t in vocab if t not in specials)
+        tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=100)
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])

@@ -1,0 +1,483 @@
+"""QLoRA: quantized loading (models/loading.py, quant=) + LoRA on the quantized base (lora/).
+
+References, all built in the test from the tiny random checkpoints of tests/tiny.py:
+  * peft's QLoRA: transformers' own 4-bit NF4 load (BitsAndBytesConfig, bitsandbytes on the CPU)
+    + peft.get_peft_model, with our adapter weights copied in (random non-zero B);
+  * the fp32 transformers model whose quantized linear weights were replaced by bitsandbytes'
+    dequantization of bitsandbytes' own quantization of the checkpoint weight (a reference
+    that computes in fp32 whatever the CPU, independent of quant/);
+  * for int8 (LLM.int8 quantizes activations too, so a dequantized-weight model is not the same
+    function), the fp32 transformers model whose linears compute quant.int8_linear with
+    bitsandbytes' int8 weight codes (int8_linear itself is checked against bitsandbytes in
+    tests/test_quant.py).
+Checked: logits equal peft's QLoRA; every non-head linear is quantized with buffers bit-equal to
+quantize_nf4 / vectorwise_quantize (and to bitsandbytes) of the checkpoint weight, heads stay
+fp32; only LoRA factors get gradients (equal to the fp32 reference's) and training lowers the
+loss without touching the quantized base; merging into the quantized base warns and requantizes
+W + ΔW; a QLoRA adapter file equals the fp32 model's; a bad `quant` fails clearly.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from lora import LoRALinear, LoraConfig, apply_lora, load_adapter, merge_adapter, merge_and_unload, save_adapter
+from models import load_model
+from models.loading import LoadError
+from quant import Linear4bit, Linear8bit, int8_linear, quantize_nf4, vectorwise_quantize
+from tiny import NUM_LABELS, load_hf, random_ids
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+QUANTS = ("nf4", "nf4-dq", "int8")
+R, ALPHA = 4, 8
+PEFT_PREFIX = "base_model.model."
+# LoRA targets: all linears for gpt2/qwen2 (as in the QLoRA paper), a mix elsewhere; nn.Linear with and
+# without bias, GPT-2's Conv1D
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+           "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           "llama": ["q_proj", "v_proj", "down_proj"], "llama-tied": ["q_proj", "v_proj", "down_proj"],
+           # not plain "dense": apply_lora would also wrap bert.pooler.dense, inside the pooler that BERT
+           # seq-cls trains as a module to save, and such an adapter file does not load back (peft
+           # leaves targets inside modules_to_save alone); a lora/adapters.py issue, not a QLoRA one
+           "bert": ["query", "value", "attention.output.dense", "intermediate.dense"]}
+HEADS = ("lm_head", "score", "classifier", "pooler")  # full-precision modules (and everything inside)
+PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's fan_in_fan_out notice, bitsandbytes' CPU notices, ...
+        yield
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def is_head(name):
+    return any(f".{h}." in f".{name}." for h in HEADS)
+
+
+def is_linear(module):
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def checkpoint_weights(folder):
+    (file,) = folder.glob("*.safetensors")
+    return load_file(str(file))
+
+
+def weight_out_in(module, tensor):
+    """A checkpoint weight as (out, in): GPT-2's Conv1D stores (in, out)."""
+    return tensor.t().contiguous() if type(module).__name__ == "Conv1D" else tensor
+
+
+def bnb_nf4(weight, double_quant):
+    return bnbF.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+
+
+def bnb_dequantized(weight, quant):
+    """bitsandbytes' NF4 round trip of `weight` (out, in), float32."""
+    return bnbF.dequantize_4bit(*bnb_nf4(weight, quant == "nf4-dq"), quant_type="nf4")
+
+
+class Int8Reference(nn.Module):
+    """y = LLM.int8(x, W) + b with bitsandbytes' int8 codes of W; replaces a transformers linear."""
+
+    def __init__(self, weight, bias):  # weight (out, in)
+        super().__init__()
+        self.weight_int8, self.weight_absmax, _ = bnbF.int8_vectorwise_quant(weight.contiguous())
+        self.bias = bias
+
+    def forward(self, x):
+        y = int8_linear(x.reshape(-1, x.shape[-1]), self.weight_int8, self.weight_absmax, self.bias, threshold=6.0)
+        return y.view(*x.shape[:-1], -1)
+
+
+def reference_model(folder, family, task, quant):
+    """The fp32 transformers model computing what `quant` makes of its non-head linear layers."""
+    model = load_hf(folder, family, task)
+    for name, module in list(model.named_modules()):
+        if not is_linear(module) or is_head(name):
+            continue
+        weight = weight_out_in(module, module.weight.detach())
+        if quant == "int8":
+            model.set_submodule(name, Int8Reference(weight, None if module.bias is None else module.bias.detach()))
+        else:
+            with torch.no_grad():
+                module.weight.copy_(weight_out_in(module, bnb_dequantized(weight, quant)))  # transposes back
+    return model
+
+
+def ours_quantized(folder, task, quant):
+    return load_model(folder, task=task, num_labels=NUM_LABELS, quant=quant)[0]
+
+
+def inputs(family, batch=2, length=9, seed=0):
+    ids = random_ids(family, batch, length, seed=seed)
+    mask = torch.ones_like(ids)
+    if family == "bert":
+        mask[1, -2:] = 0  # a padded encoder row (decoders stay unpadded)
+    return ids, mask
+
+
+def run_ours(model, ids, mask, grad=False):
+    with torch.set_grad_enabled(grad):
+        return model(ids, mask)
+
+
+def run_ref(model, ids, mask, grad=False):
+    with torch.set_grad_enabled(grad):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def lora_keys(model, prefix=""):
+    return sorted(k[len(prefix):] for k in model.state_dict() if ".lora_" in k)
+
+
+def randomize_lora(model, seed=1):
+    """Random non-zero B (A keeps its random kaiming init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def copy_lora(src, dst, dst_prefix=""):
+    """Copy the LoRA factors of `src` (our names) into `dst` (ours, or peft's under `dst_prefix`)."""
+    src_state, dst_state = src.state_dict(), dst.state_dict()
+    keys = lora_keys(src)
+    assert keys == lora_keys(dst, dst_prefix) and keys
+    with torch.no_grad():
+        for key in keys:
+            dst_state[dst_prefix + key].copy_(src_state[key])
+
+
+def our_config(family, task):
+    return LoraConfig(r=R, alpha=ALPHA, target_modules=list(TARGETS[family]),
+                      modules_to_save=[] if task == "seq-cls" else None)
+
+
+def peft_config(family, task):
+    return peft.LoraConfig(task_type=PEFT_TASK[task], r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                           target_modules=list(TARGETS[family]))
+
+
+def qlora(folder, family, task, quant="nf4", seed=1):
+    """Our QLoRA model: quantized load + LoRA on the targets, random B, eval mode."""
+    model = apply_lora(ours_quantized(folder, task, quant), our_config(family, task))
+    randomize_lora(model, seed)
+    return model.eval()
+
+
+def bnb_4bit_model(folder):
+    """transformers' own QLoRA base: a bitsandbytes NF4 load (fp32 compute) of a causal-LM checkpoint."""
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=bnb_config, device_map="cpu", attn_implementation="eager",
+        dtype=torch.float32).eval()
+
+
+def peft_qlora(folder, family, task):
+    """peft's QLoRA: the bitsandbytes NF4 model + get_peft_model."""
+    return peft.get_peft_model(bnb_4bit_model(folder), peft_config(family, task)).eval()
+
+
+def check_close(ours, ref, atol, what):
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def assert_differs(a, b, what, by=1e-2):
+    assert (a - b).abs().max() > by, f"{what}: outputs are the same, the test would not see a difference"
+
+
+# ------------------------------------------------------------------ 1. logits equal peft's QLoRA
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_qlora_logits_match_peft(tiny, tmp_path, family):
+    task = "causal-lm"
+    folder = tiny.folder(family, task)
+    ours = qlora(folder, family, task)
+    ref = peft_qlora(folder, family, task)
+    inner = ref.base_model.model
+    # the base is bitsandbytes 4-bit NF4 on both sides, byte for byte, on the same layers
+    ours_quantized = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    ref_quantized = {n: m for n, m in inner.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert ours_quantized.keys() == ref_quantized.keys()
+    assert len(ours_quantized) == 2 * {"gpt2": 4, "qwen2": 7}[family]  # every linear of both layers
+    for name, layer in ours_quantized.items():
+        ref_layer = ref_quantized[name]
+        assert torch.equal(layer.weight_packed, ref_layer.weight.data), name
+        assert torch.equal(layer.absmax, ref_layer.weight.quant_state.absmax), name
+    # our QLoRA layer sits where peft's does; copy our adapter into peft's model
+    wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == sorted(n[len(PEFT_PREFIX):] for n, m in ref.named_modules()
+                             if isinstance(m, peft.tuners.lora.bnb.Linear4bit))
+    copy_lora(ours, ref, PEFT_PREFIX)
+
+    ids, mask = inputs(family)
+    ours_logits = run_ours(ours, ids, mask)
+    if bnbF.has_avx512bf16():
+        # bitsandbytes' eval-mode CPU 4-bit matmul computes in bfloat16 on such CPUs (see
+        # tests/test_quant.py): ~0.3% relative error per layer; the fp32 reference below stays tight
+        atol = 2e-2 * ours_logits.abs().max().item()
+    else:
+        # dequantize + fp32 linear on both sides; measured max difference 2.7e-6 on logits up to 4.3
+        atol = 1e-4
+    check_close(ours_logits, run_ref(ref, ids, mask), atol, f"{family} QLoRA vs peft QLoRA")
+
+    # fp32 reference regardless of the CPU: plain peft LoRA on the model with bitsandbytes'
+    # dequantized weights; only the summation order differs (measured max difference ~3e-6)
+    fp32_ref = peft.get_peft_model(reference_model(folder, family, task, "nf4"), peft_config(family, task)).eval()
+    copy_lora(ours, fp32_ref, PEFT_PREFIX)
+    check_close(ours_logits, run_ref(fp32_ref, ids, mask), 1e-5, f"{family} QLoRA vs fp32 dequantized + LoRA")
+
+    # the adapter matters, and so does the quantization (else this test would not see either)
+    plain_fp32 = run_ref(load_hf(folder, family, task), ids, mask)
+    ref.disable_adapter_layers()
+    no_adapter = run_ref(ref, ids, mask)
+    ref.enable_adapter_layers()
+    assert_differs(ours_logits, no_adapter, "adapter vs QLoRA base")
+    assert_differs(no_adapter, plain_fp32, "NF4 base vs fp32 base")
+
+    # our saved QLoRA adapter loads into peft's QLoRA model and gives our logits
+    save_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(bnb_4bit_model(folder), str(tmp_path)).eval()
+    check_close(run_ref(loaded, ids, mask), ours_logits, atol, f"{family} our file in peft's QLoRA")
+
+
+# ------------------------------------------------------------------ 2. quantized loading
+
+
+LOAD_CASES = [("gpt2", "causal-lm"), ("qwen2", "causal-lm"), ("llama", "seq-cls"), ("llama-tied", "causal-lm"),
+              ("bert", "seq-cls")]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("family,task", LOAD_CASES)
+def test_quantized_loading(tiny, family, task, quant):
+    folder, hf = tiny.get(family, task)
+    model = ours_quantized(folder, task, quant)
+    ckpt = checkpoint_weights(folder)
+    layer_cls = Linear8bit if quant == "int8" else Linear4bit
+
+    hf_linears = {n: m for n, m in hf.named_modules() if is_linear(m)}
+    expected_quantized = sorted(n for n in hf_linears if not is_head(n))
+    expected_heads = sorted(n for n in hf_linears if is_head(n))
+    assert expected_quantized and expected_heads
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, layer_cls)) == expected_quantized
+    assert sorted(n for n, m in model.named_modules() if type(m) is nn.Linear) == expected_heads
+    assert not any(is_linear(m) for n, m in model.named_modules() if not is_head(n)), "a linear left unquantized"
+    for name in expected_heads:  # heads keep the checkpoint's fp32 weights
+        head = model.get_submodule(name)
+        assert head.weight.dtype == torch.float32
+        if f"{name}.weight" in ckpt:
+            assert torch.equal(head.weight, ckpt[f"{name}.weight"]), name
+        else:  # a tied LM head (GPT-2, llama-tied): the fp32 input embedding itself
+            assert name == "lm_head" and head.weight is model.get_submodule(
+                "transformer" if family == "gpt2" else "model").get_input_embeddings().weight
+
+    for name in expected_quantized:
+        layer = model.get_submodule(name)
+        weight = weight_out_in(hf_linears[name], ckpt[f"{name}.weight"])  # (out, in)
+        assert (layer.out_features, layer.in_features) == weight.shape
+        assert not list(layer.parameters(recurse=False)) or all(not p.requires_grad for p in layer.parameters())
+        assert not hasattr(layer, "weight"), f"{name} keeps a full-precision weight"
+        if hf_linears[name].bias is None:
+            assert layer.bias is None
+        else:
+            assert torch.equal(layer.bias, ckpt[f"{name}.bias"]), name
+        if quant == "int8":
+            codes, absmax, _ = vectorwise_quantize(weight)
+            assert torch.equal(layer.weight_int8, codes) and torch.equal(layer.weight_absmax, absmax), name
+            ref_codes, ref_absmax, _ = bnbF.int8_vectorwise_quant(weight.contiguous())
+            assert torch.equal(layer.weight_int8, ref_codes) and torch.equal(layer.weight_absmax, ref_absmax), name
+        else:
+            double_quant = quant == "nf4-dq"
+            assert layer.double_quant == double_quant
+            packed, state = quantize_nf4(weight, 64, double_quant)
+            ref_packed, ref_state = bnb_nf4(weight, double_quant)
+            assert torch.equal(layer.weight_packed, packed) and torch.equal(layer.weight_packed, ref_packed), name
+            assert torch.equal(layer.absmax, state.absmax) and torch.equal(layer.absmax, ref_state.absmax), name
+            if double_quant:
+                assert torch.equal(layer.nested_absmax, state.nested_absmax), name
+                assert torch.equal(layer.nested_absmax, ref_state.state2.absmax), name
+                assert torch.equal(layer.absmax_offset, state.offset), name
+            else:
+                assert layer.nested_absmax is None and layer.absmax_offset is None
+
+    ids, mask = inputs(family)
+    logits = run_ours(model, ids, mask)
+    reference = reference_model(folder, family, task, quant)
+    # fp32 on both sides, the same quantized weights; measured max difference ~1e-6
+    check_close(logits, run_ref(reference, ids, mask), 1e-5, f"{family} {task} {quant}")
+    assert_differs(logits, run_ref(hf, ids, mask), "quantized vs fp32", by=1e-3)
+
+
+# ------------------------------------------------------------------ 3. gradients and training
+
+
+def lm_loss(logits, ids):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("family,quant", [("qwen2", "nf4"), ("gpt2", "nf4-dq"), ("gpt2", "int8"),
+                                          ("qwen2", "int8")])
+def test_gradients_reach_lora_only_and_training_lowers_loss(tiny, family, quant):
+    task = "causal-lm"
+    folder = tiny.folder(family, task)
+    model = qlora(folder, family, task, quant)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}
+    assert quantized and all(isinstance(model.get_submodule(n.rsplit(".", 1)[0]), LoRALinear)
+                             for n in quantized if n.endswith(".base_layer"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)[:3]
+    for name, layer in quantized.items():
+        assert not any(p.requires_grad for p in layer.parameters()), name
+        assert not any(b.requires_grad for b in layer.buffers()), name
+
+    ids, _ = inputs(family, batch=2, length=12, seed=5)
+    mask = torch.ones_like(ids)
+    lm_loss(run_ours(model, ids, mask, grad=True), ids).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[1][0] for n in grads} == {"A", "B"}
+    for name, grad in grads.items():
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0, name
+    leaked = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    leaked += [f"{n}.{b}" for n, m in quantized.items() for b, t in m.named_buffers() if t.grad is not None]
+    assert not leaked, f"frozen tensors got gradients: {leaked[:3]}"
+
+    if quant != "int8":  # NF4's backward is exact: dL/dx = dL/dy · Ŵ with the dequantized Ŵ
+        ref = peft.get_peft_model(reference_model(folder, family, task, quant), peft_config(family, task))
+        copy_lora(model, ref, PEFT_PREFIX)
+        lm_loss(run_ref(ref.eval(), ids, mask, grad=True), ids).backward()
+        ref_grads = {n[len(PEFT_PREFIX):]: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+        assert ref_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            check_close(grad, ref_grads[name], 1e-5, f"grad {name}")
+
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = lm_loss(run_ours(model.eval(), ids, mask), ids).item()
+    model.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        lm_loss(run_ours(model, ids, mask, grad=True), ids).backward()
+        optimizer.step()
+    after = lm_loss(run_ours(model.eval(), ids, mask), ids).item()
+    assert after < 0.9 * before, (before, after)
+    for key, value in model.state_dict().items():  # the quantized base and everything else untouched
+        if ".lora_" not in key:
+            assert torch.equal(value, buffers[key]), key
+
+
+# ------------------------------------------------------------------ 4. merging and saving
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_merge_into_quantized_base_requantizes(tiny, quant):
+    family, task = "qwen2", "causal-lm"
+    folder = tiny.folder(family, task)
+    model = qlora(folder, family, task, quant)
+    ids, mask = inputs(family)
+    unmerged = run_ours(model, ids, mask)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    expected, before = {}, {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            base = layer.base_layer
+            before[name] = {k: v.clone() for k, v in base.state_dict().items()}
+            target = base.dequantized_weight() + layer.scaling["default"] * (layer.lora_B["default"].weight
+                                                                               @ layer.lora_A["default"].weight)
+            if quant == "int8":
+                codes, absmax, _ = vectorwise_quantize(target)
+                expected[name] = {"weight_int8": codes, "weight_absmax": absmax}
+            else:
+                packed, state = quantize_nf4(target, 64, quant == "nf4-dq")
+                expected[name] = {"weight_packed": packed, "absmax": state.absmax}
+                if quant == "nf4-dq":
+                    expected[name].update(nested_absmax=state.nested_absmax, absmax_offset=state.offset)
+
+    with pytest.warns(UserWarning, match="requantize"):
+        merge_adapter(model)
+    assert all(layer.merged for layer in layers.values())
+    for name, layer in layers.items():
+        state = layer.base_layer.state_dict()
+        for key, value in expected[name].items():
+            assert torch.equal(state[key], value), f"{name}.{key}"
+        codes = "weight_int8" if quant == "int8" else "weight_packed"
+        assert not torch.equal(state[codes], before[name][codes]), f"{name}: the merge changed no code"
+        if "bias" in state:  # LoRA does not touch the bias
+            assert torch.equal(state["bias"], before[name]["bias"]), name
+
+    merged = run_ours(model, ids, mask)
+    # requantizing rounds W + ΔW, so the merged model is only near the unmerged one; it must still
+    # be clearly nearer to it than the base model without the adapter is
+    with torch.no_grad():
+        base_only = run_ours(ours_quantized(folder, task, quant), ids, mask)
+    # measured ratios 0.38 (nf4), 0.39 (nf4-dq), 0.04 (int8)
+    merge_error = (merged - unmerged).norm()
+    assert 0 < merge_error < {"nf4": 0.6, "nf4-dq": 0.6, "int8": 0.1}[quant] * (base_only - unmerged).norm()
+
+    plain = merge_and_unload(model)  # a plain quantized model holding the same merged codes
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    for name in layers:
+        state = plain.get_submodule(name).state_dict()
+        for key, value in expected[name].items():
+            assert torch.equal(state[key], value), f"unloaded {name}.{key}"
+    check_close(run_ours(plain, ids, mask), merged, 0, "merge_and_unload vs merged")
+
+
+@pytest.mark.parametrize("family,task,quant", [("qwen2", "causal-lm", "nf4"), ("gpt2", "causal-lm", "nf4-dq"),
+                                               ("bert", "seq-cls", "int8")])
+def test_saved_qlora_adapter_equals_fp32_adapter(tiny, tmp_path, family, task, quant):
+    folder = tiny.folder(family, task)
+    config = LoraConfig(r=R, alpha=ALPHA, target_modules=list(TARGETS[family]))  # seq-cls: head saved too
+    quantized = apply_lora(ours_quantized(folder, task, quant), config)
+    randomize_lora(quantized)
+    fp32 = apply_lora(load_model(folder, task=task, num_labels=NUM_LABELS)[0], config)
+    fp32_state, q_state = fp32.state_dict(), quantized.state_dict()
+    trained = sorted(k for k in q_state if ".lora_" in k or ".modules_to_save." in k)
+    assert trained == sorted(k for k in fp32_state if ".lora_" in k or ".modules_to_save." in k)
+    with torch.no_grad():
+        for key in trained:
+            fp32_state[key].copy_(q_state[key])
+    save_adapter(quantized, tmp_path / "qlora")
+    save_adapter(fp32, tmp_path / "fp32")
+
+    q_file, fp32_file = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("qlora", "fp32"))
+    assert sorted(q_file) == sorted(fp32_file)
+    assert not any(k.endswith(("weight_packed", "absmax", "weight_int8", "absmax_offset")) for k in q_file)
+    assert any(".lora_B." in k for k in q_file) and (task != "seq-cls" or any(".classifier." in k for k in q_file))
+    for key, value in q_file.items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(value, fp32_file[key]), key
+    q_config, fp32_config = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("qlora", "fp32"))
+    assert q_config == fp32_config
+
+    # and it loads back into a freshly quantized model, giving the same outputs
+    again = load_adapter(ours_quantized(folder, task, quant), tmp_path / "qlora").eval()
+    ids, mask = inputs(family)
+    check_close(run_ours(again, ids, mask), run_ours(quantized.eval(), ids, mask), 0, "reloaded QLoRA adapter")
+
+
+# ------------------------------------------------------------------ 5. bad input
+
+
+def test_unknown_quantization_names_the_choices(tiny):
+    folder = tiny.folder("qwen2", "causal-lm")
+    with pytest.raises(LoadError, match=r"'nf3'.*nf4, nf4-dq, int8"):
+        load_model(folder, task="causal-lm", quant="nf3")
