@@ -7,12 +7,11 @@ machine). Both sides produce identical bytes (tests/test_quant.py), so this comp
 """
 import argparse
 import statistics
-import time
 
 import torch
 
 import bitsandbytes.functional as bnbF
-import common  # noqa: F401  (puts the repository root on sys.path)
+from common import round_robin_times  # also puts the repository root on sys.path
 from quant import dequantize_nf4, quantize_nf4, vectorwise_quantize
 
 SHAPES = [(4096, 4096), (576, 1536)]
@@ -36,19 +35,6 @@ def cases(weight):
     ]
 
 
-def round_robin(fns, repeats):
-    """Wall times (s) of each function, run alternately so machine noise hits all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per operation")
@@ -62,7 +48,7 @@ def main():
     for shape in SHAPES:
         weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
         for name, ours, theirs in cases(weight):
-            times = round_robin({"ours": ours, "bnb": theirs}, args.repeats)
+            times = round_robin_times({"ours": ours, "bnb": theirs}, args.repeats, warmup=1)
             median = {k: statistics.median(v) for k, v in times.items()}
             fastest = {k: min(v) for k, v in times.items()}
             print(f"| {shape[0]}x{shape[1]} | {name} | {median['ours'] * 1e3:.2f} | {median['bnb'] * 1e3:.2f} "

@@ -26,8 +26,8 @@ def timeit(fn, repeats=10, warmup=2):
     return statistics.median(times)
 
 
-def interleaved(fns, repeats=10, warmup=2):
-    """Median time of each function, run round-robin so machine noise hits all alike."""
+def round_robin_times(fns, repeats=10, warmup=2):
+    """Wall times (s) of each function, run round-robin so machine noise hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -37,4 +37,9 @@ def interleaved(fns, repeats=10, warmup=2):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved(fns, repeats=10, warmup=2):
+    """Median time of each function, run round-robin."""
+    return {name: statistics.median(t) for name, t in round_robin_times(fns, repeats, warmup).items()}

@@ -155,7 +155,10 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
                                     + (" (pass num_labels to match the checkpoint)" if is_new_head(name, model) else ""))
                 owner, _, attr = name.rpartition(".")
                 if owner not in targets:
-                    state[name] = f.get_tensor(key).to(dtype)
+                    tensor = f.get_tensor(key).to(dtype)
+                    # a tensor read from the file may be a view of its memory map, and one surviving view
+                    # keeps every page the quantizer touched resident: a quantized load copies it out
+                    state[name] = tensor.clone() if targets else tensor
                     continue
                 pending.setdefault(owner, {})[attr] = f.get_tensor(key).to(dtype)
                 if len(pending[owner]) == len(list(targets[owner].parameters())):
