@@ -366,7 +366,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "args.json", "w", encoding="utf-8") as f:
             json.dump(vars(args), f, indent=2)
-    log = open(out / "log.jsonl", "a", encoding="utf-8") if is_main else None
+    log = open(out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if is_main else None
     autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) if args.autocast else nullcontext()
 
     def checkpoint(rng):
@@ -452,7 +452,7 @@ def main(argv=None):
         if log:
             log.close()
 
-    if (out / "best" / "trainable.safetensors").is_file():
+    if state["best_step"] is not None:  # this run's (or the resumed run's) best evaluation
         load_trainable(model, out / "best" / "trainable.safetensors")
     after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
     if is_main:
