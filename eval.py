@@ -79,6 +79,7 @@ def label_of(entry, merge):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.manual_seed(0)  # a head the checkpoint lacks is initialised the same way every run
     folder = resolve(args.model)
     cfg = read_config(folder)
     is_decoder = cfg["model_type"] in DECODERS
