@@ -31,7 +31,7 @@ model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, 
 model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
     target_modules=["query", "value"], modules_to_save=["classifier", "pooler"]))
 args = transformers.TrainingArguments(output_dir=out, per_device_train_batch_size=32, learning_rate=lr,
-    num_train_epochs=1, warmup_ratio=0.06, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
+    num_train_epochs=1, warmup_steps=0.06, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
     seed=0, report_to=[], save_strategy="no", eval_strategy="no", use_cpu=True, logging_strategy="no",
     disable_tqdm=True)
 trainer = transformers.Trainer(model=model, args=args, train_dataset=enc(train_rows),
