@@ -452,6 +452,8 @@ def main(argv=None):
         if log:
             log.close()
 
+    if world > 1:
+        dist.barrier()  # rank 0 has written best/ before any rank reads it
     if state["best_step"] is not None:  # this run's (or the resumed run's) best evaluation
         load_trainable(model, out / "best" / "trainable.safetensors")
     after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
