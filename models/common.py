@@ -118,3 +118,12 @@ def pool_last_token(hidden, index):
     if index is None:
         return hidden[:, -1]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def lm_logits(lm_head, hidden, logits_mask=None):
+    """Logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits, (n, vocab).
+
+    Training needs logits only where there are labels: a full (B, T, vocab) fp32 tensor is the
+    largest activation of a small LM, so skipping the rest saves memory and time.
+    """
+    return lm_head(hidden if logits_mask is None else hidden[logits_mask])

@@ -10,7 +10,7 @@ LoRA and quantization handle that layout (peft calls it fan_in_fan_out).
 import torch
 import torch.nn as nn
 
-from .common import (activation, check_length, decoder_positions_and_mask, last_token_index,
+from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_logits,
                      pool_last_token, sdpa)
 
 
@@ -96,13 +96,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 logits_mask=None):
-        """Logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits, (n, vocab).
-
-        Training needs logits only where there are labels: a full (B, T, vocab) fp32 tensor is the
-        largest activation of a small LM, so skipping the rest saves memory and time.
-        """
         hidden = self.transformer(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, C)
-        return self.lm_head(hidden if logits_mask is None else hidden[logits_mask])
+        return lm_logits(self.lm_head, hidden, logits_mask)
 
 
 class GPT2ForSequenceClassification(nn.Module):

@@ -14,7 +14,8 @@ Qwen2 differs from Llama only in its q/k/v biases (and o_proj without one); Smol
 import torch
 import torch.nn as nn
 
-from .common import activation, check_length, decoder_positions_and_mask, last_token_index, pool_last_token, sdpa
+from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_logits,
+                     pool_last_token, sdpa)
 
 
 class RMSNorm(nn.Module):
@@ -143,13 +144,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 logits_mask=None):
-        """Logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits, (n, vocab).
-
-        Training needs logits only where there are labels: a full (B, T, vocab) fp32 tensor is the
-        largest activation of a small LM, so skipping the rest saves memory and time.
-        """
         hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, C)
-        return self.lm_head(hidden if logits_mask is None else hidden[logits_mask])
+        return lm_logits(self.lm_head, hidden, logits_mask)
 
 
 class LlamaForSequenceClassification(nn.Module):
