@@ -176,40 +176,49 @@ def encode_prompt_answer(prompt_ids, answer_ids, max_length):
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 
-def label_prompt(text):
-    return LABEL_PROMPT.format(text=text)
-
-
 def encode_generate_label(rows, tokenizer, max_length, words, names, split):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    text = text_column(rows)
     examples = []
     for row, y in zip(rows, label_ids(rows, names, split)):
-        prompt = tokenizer.encode(label_prompt(row[text_column(rows)]))
+        prompt = tokenizer.encode(LABEL_PROMPT.format(text=row[text]))
         example = encode_prompt_answer(prompt, tokenizer.encode(" " + words[y], add_special_tokens=False) + eos,
                                        max_length)
         examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - 8):]})
     return examples
 
 
-def pair_prompt(rows, row):
-    prompt_col, _ = pair_columns(rows)
-    return PAIR_PROMPTS[prompt_col].format(row[prompt_col])
-
-
 def encode_causal_lm(rows, tokenizer, max_length):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pair = pair_columns(rows)
+    pair, text = pair_columns(rows), text_column(rows)
     examples = []
     for row in rows:
         if pair:
-            prompt = tokenizer.encode(pair_prompt(rows, row))
+            prompt = tokenizer.encode(PAIR_PROMPTS[pair[0]].format(row[pair[0]]))
             answer = tokenizer.encode(str(row[pair[1]]), add_special_tokens=False) + eos
             examples.append({**encode_prompt_answer(prompt, answer, max_length), "prompt_ids": prompt,
                              "reference": str(row[pair[1]])})
         else:
-            ids = tokenizer.encode(str(row[text_column(rows)]))[:max_length]
+            ids = tokenizer.encode(str(row[text]))[:max_length]
             examples.append({"input_ids": ids, "labels": list(ids)})
     return examples
+
+
+def parse_label_words(label_words, names):
+    """--label-words "negative,positive" -> one word per label, checked against the labels found."""
+    words = [w.strip() for w in label_words.split(",")]
+    if len(words) != len(names):
+        raise DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
+    return words
+
+
+def encode(rows, task, tokenizer, max_length, names=None, words=None, split="train"):
+    """Token ids (and labels) of `rows` for `task`; see the encode_* functions."""
+    if task == "seq-cls":
+        return encode_classification(rows, tokenizer, max_length, names, split)
+    if task == "generate-label":
+        return encode_generate_label(rows, tokenizer, max_length, words, names, split)
+    return encode_causal_lm(rows, tokenizer, max_length)
 
 
 def collate(examples, pad_id, side="right"):

@@ -22,9 +22,8 @@ from evaluation import classification_probabilities, evaluate, perplexity_of_tex
 from lora import load_adapter, merge_and_unload
 from lora.adapters import AdapterError
 from models import LoadError, Tokenizer, generate, load_model
-from models.loading import read_config, resolve
+from models.loading import DECODERS, read_config, resolve
 
-DECODERS = ("gpt2", "llama", "qwen2")
 
 
 def parse_args(argv=None):
@@ -109,14 +108,10 @@ def main(argv=None):
     data.check_rows(rows, task, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     names = data.label_names([rows]) if task != "causal-lm" else None
-    words = [w.strip() for w in args.label_words.split(",")] if task == "generate-label" else None
+    words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
-    if task == "seq-cls":
-        examples = data.encode_classification(rows, tokenizer, args.max_length, names, split)
-    elif task == "generate-label":
-        examples = data.encode_generate_label(rows, tokenizer, args.max_length, words, names, split)
-    elif not plain_text:
-        examples = data.encode_causal_lm(rows, tokenizer, args.max_length)
+    if not plain_text:
+        examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
     for entry in args.adapters:
         model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)

@@ -34,9 +34,8 @@ from evaluation import evaluate, next_token_nll
 from lora import LoraConfig, PromptTuningModel, apply_lora, print_trainable_parameters, save_adapter
 from models import load_model
 from models import Tokenizer
-from models.loading import LoadError, read_config, resolve
+from models.loading import DECODERS, LoadError, read_config, resolve
 
-DECODERS = ("gpt2", "llama", "qwen2")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
 
 
@@ -136,22 +135,11 @@ def prepare_data(args, tokenizer, task, splits):
     train_rows = data.subsample(splits[train_name], args.train_samples, args.seed)
     eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)
-    names, words = None, None
-    if task in ("seq-cls", "generate-label"):
-        names = data.label_names([train_rows, eval_rows, test_rows])
-    if task == "generate-label":
-        words = [w.strip() for w in args.label_words.split(",")]
-        if len(words) != len(names):
-            raise data.DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
-
-    def encode(rows, split):
-        if task == "seq-cls":
-            return data.encode_classification(rows, tokenizer, args.max_length, names, split)
-        if task == "generate-label":
-            return data.encode_generate_label(rows, tokenizer, args.max_length, words, names, split)
-        return data.encode_causal_lm(rows, tokenizer, args.max_length)
-
-    return encode(train_rows, train_name), encode(eval_rows, eval_name), encode(test_rows, test_name), names, words
+    names = data.label_names([train_rows, eval_rows, test_rows]) if task != "causal-lm" else None
+    words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
+    return (*(data.encode(rows, task, tokenizer, args.max_length, names, words, name)
+              for rows, name in ((train_rows, train_name), (eval_rows, eval_name), (test_rows, test_name))),
+            names, words)
 
 
 def micro_batches(n_examples, batch_size, world, seed, epoch):

@@ -99,11 +99,15 @@ def heads(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
+def outside_wrappers(model):
+    """(name, module) of every module that is not inside a LoRALinear or ModulesToSave."""
+    wrappers = [name + "." for name, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
+    return [(name, m) for name, m in model.named_modules() if name and not any(name.startswith(w) for w in wrappers)]
+
+
 def linear_layer_names(model):
     """Names of the linear layers LoRA can target, not counting those inside adapters."""
-    wrappers = [name + "." for name, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
-    return [name for name, m in model.named_modules()
-            if is_linear(m) and not any(name.startswith(w) for w in wrappers)]
+    return [name for name, m in outside_wrappers(model) if is_linear(m)]
 
 
 def matches(name, targets):
@@ -127,9 +131,7 @@ def default_heads(model):
 def head_names(model, names):
     """Modules whose name ends with one of `names` (peft's plain-suffix rule, so "classifier" also
     selects DistilBERT's "pre_classifier"; following it keeps peft's files and ours alike)."""
-    inside = [n + "." for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))]
-    return [n for n, _ in model.named_modules()
-            if n and any(n.endswith(t) for t in names) and not any(n.startswith(w) for w in inside)]
+    return [n for n, _ in outside_wrappers(model) if any(n.endswith(t) for t in names)]
 
 
 def wrap_heads(model, names, adapter_name):

@@ -93,7 +93,6 @@ class BertModel(nn.Module):
         return x
 
 
-
 class BertForSequenceClassification(nn.Module):
     """[CLS] -> pooler (tanh) -> dropout -> classifier, as transformers' class of the same name."""
 
@@ -104,16 +103,10 @@ class BertForSequenceClassification(nn.Module):
         self.bert = BertModel(cfg)
         self.dropout = nn.Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
         self.classifier = nn.Linear(cfg["hidden_size"], num_labels)
-        self.pooling = "pooler"
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, C)
-        if self.pooling == "mean":  # masked mean of the last hidden state, as sentence-transformers pools
-            mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if attention_mask is None else attention_mask.to(hidden.dtype)
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        else:
-            pooled = self.bert.pooler(hidden)
-        return self.classifier(self.dropout(pooled))  # (B, num_labels)
+        return self.classifier(self.dropout(self.bert.pooler(hidden)))  # (B, num_labels)
 
 
 BASE_PREFIX = "bert"  # where transformers' task classes keep the BertModel

@@ -19,8 +19,9 @@ from .common import init_new_weights
 from .tokenizer import Tokenizer
 
 FAMILIES = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2, "llama": llama, "qwen2": llama}
+DECODERS = ("gpt2", "llama", "qwen2")
 TASKS = ("causal-lm", "seq-cls", "base")
-QUANT = ("nf4", "nf4-dq", "int8")
+QUANT = ("nf4", "nf4-dq", "int8")  # quant.linear.FORMATS
 ALIASES = {
     "distilbert": "distilbert/distilbert-base-uncased",
     "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
@@ -106,30 +107,15 @@ def is_new_head(name, model):
     return any(name == head or name.startswith(head + ".") for head in model.new_head_names)
 
 
-def quantized_layer(module, tensors, quant, dtype):
-    """A Linear4bit/Linear8bit holding `tensors` (the weight and bias of the linear `module`)."""
-    from quant.linear import Linear4bit, Linear8bit
-
-    weight = tensors["weight"].t() if type(module).__name__ == "Conv1D" else tensors["weight"]  # (out, in)
-    cls, options = {"nf4": (Linear4bit, {}), "nf4-dq": (Linear4bit, {"double_quant": True}),
-                    "int8": (Linear8bit, {})}[quant]
-    layer = cls(weight.shape[1], weight.shape[0], "bias" in tensors, compute_dtype=dtype, **options)
-    layer.requantize_(weight)
-    if "bias" in tensors:
-        layer.bias.data = tensors["bias"]
-    return layer
-
-
 def quantization_targets(model, quant):
     """The linear layers a quantized load replaces: all but the task heads (and the tied LM head)."""
     if quant is None:
         return {}
     if quant not in QUANT:
         raise LoadError(f"unknown quantization {quant!r}; choose from {', '.join(QUANT)}")
-    heads = ("lm_head", "score", "classifier", "pre_classifier", "pooler")
-    return {name: m for name, m in model.named_modules()
-            if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
-            and not any(f".{h}." in f".{name}." for h in heads)}
+    from quant.linear import is_linear, is_skipped
+
+    return {name: m for name, m in model.named_modules() if is_linear(m) and not is_skipped(name)}
 
 
 def load_weights(model, folder, dtype, prefix, std, quant=None):
@@ -141,7 +127,9 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
     tied = getattr(model, "tie_word_embeddings", False)
     ours = {name: p.shape for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")}
     targets = quantization_targets(model, quant)
-    pending = {}  # layer name -> its tensors read so far
+    if targets:
+        from quant.linear import FORMATS
+    pending, quantized = {}, set()  # layer name -> its tensors read so far; names of quantized tensors
     state = {}
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
@@ -162,13 +150,16 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
                     continue
                 pending.setdefault(owner, {})[attr] = f.get_tensor(key).to(dtype)
                 if len(pending[owner]) == len(list(targets[owner].parameters())):
-                    model.set_submodule(owner, quantized_layer(targets[owner], pending.pop(owner), quant, dtype))
-                    state.update({f"{owner}.{a}": None for a in ("weight", "bias")})
-    missing = [n for n in ours if n not in state and not is_new_head(n, model)]
+                    tensors = pending.pop(owner)
+                    weight = tensors["weight"].t() if type(targets[owner]).__name__ == "Conv1D" else tensors["weight"]
+                    cls, options = FORMATS[quant]
+                    model.set_submodule(owner, cls.from_weight(weight, tensors.get("bias"), dtype, **options))
+                    quantized.update(f"{owner}.{a}" for a in tensors)
+    missing = [n for n in ours if n not in state and n not in quantized and not is_new_head(n, model)]
     if missing:
         raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
-    model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     for head in model.new_head_names:
         module = model.get_submodule(head)
         if any(p.is_meta for p in module.parameters()):

@@ -63,11 +63,16 @@ class _QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, compute_dtype=torch.float32, **options):
         """Quantize an nn.Linear or Conv1D; options: blocksize, double_quant (4-bit) or threshold
         (8-bit), and backend ("ours" or "bnb")."""
-        weight = linear_weight(linear)  # (out, in)
-        layer = cls(weight.shape[1], weight.shape[0], linear.bias is not None, compute_dtype, **options)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_weight(linear_weight(linear), bias, compute_dtype, **options)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias=None, compute_dtype=torch.float32, **options):
+        """Quantize a (out, in) weight (and keep `bias`, if any, in compute_dtype)."""
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, compute_dtype, **options)
         layer.requantize_(weight)
-        if linear.bias is not None:
-            layer.bias.data = linear.bias.detach().to(compute_dtype).clone()
+        if bias is not None:
+            layer.bias.data = bias.to(compute_dtype, copy=True)  # never a view of the caller's memory
         return layer
 
     def _check_weight_shape(self, weight: torch.Tensor) -> None:
@@ -206,12 +211,20 @@ def _bnb_int8_linear(x, weight_int8, weight_absmax, threshold):
 
 # ---- whole models ----------------------------------------------------------------------------
 
+HEADS = ("lm_head", "score", "classifier", "pre_classifier", "pooler")  # kept in full precision
+FORMATS = {"nf4": (Linear4bit, {}), "nf4-dq": (Linear4bit, {"double_quant": True}), "int8": (Linear8bit, {})}
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def quantize_model(model: nn.Module, bits: int = 4,
-                   skip=("lm_head", "score", "classifier", "pre_classifier"), **config) -> nn.Module:
+def is_skipped(name: str, skip=HEADS) -> bool:
+    """Whether an entry of `skip` is a dotted part of `name` ("classifier" matches "classifier.out_proj")."""
+    return any(f".{s}." in f".{name}." for s in skip)
+
+
+def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.Module:
     """Replace every nn.Linear / Conv1D by Linear4bit (bits=4) or Linear8bit (bits=8), in place.
 
     A module is skipped when an entry of `skip` is a dotted part of its name ("classifier"
@@ -224,7 +237,7 @@ def quantize_model(model: nn.Module, bits: int = 4,
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if is_linear(child) and not any(f".{s}." in f".{name}." for s in skip):
+            if is_linear(child) and not is_skipped(name, skip):
                 setattr(parent, child_name, layer_cls.from_linear(child, **config))
     return model
 
