@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 import data
 from evaluation import evaluate, next_token_nll
-from lora import LoraConfig, PromptTuningModel, apply_lora, print_trainable_parameters, save_adapter
-from models import load_model
-from models import Tokenizer
+from lora import LoraConfig, PromptTuningModel, apply_lora, merge_and_unload, print_trainable_parameters, save_adapter
+from models import Tokenizer, load_model, save_model
 from models.loading import DECODERS, LoadError, read_config, resolve
+from quant import dequantize_model
+from quant.allocator import map_large_allocations
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
 
@@ -79,7 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and subsets")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
     g.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none",
-                   help="quantize the frozen base while loading (QLoRA: nf4; nf4-dq adds double quantization)")
+                   help="quantize the frozen base while loading (QLoRA: nf4; nf4-dq adds double quantization); large "
+                        "tensors are then allocated so that freed ones return to the OS (lower peak memory)")
     g.add_argument("--autocast", action="store_true", help="bf16 autocast for forward/backward (weights stay in --dtype)")
     g = p.add_argument_group("evaluation, checkpoints and output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0 = at the end only)")
@@ -90,6 +92,9 @@ def parse_args(argv=None):
     g.add_argument("--rouge", action="store_true", help="causal-lm pairs: also ROUGE of greedy generations")
     g.add_argument("--output-dir", default=None, help="where the adapter, logs and checkpoints go (default: runs/<model>-<dataset>-<method>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
+    g.add_argument("--save-merged", action="store_true",
+                   help="lora: also write the model with the adapter merged in, in full precision (a quantized "
+                        "base is dequantized first, not requantized), as a plain checkpoint in <output-dir>/merged")
     args = p.parse_args(argv)
     for name in ("rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size"):
         if getattr(args, name) <= 0:
@@ -98,6 +103,8 @@ def parse_args(argv=None):
         p.error("--max-steps and --epochs must be positive")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.save_merged and args.method != "lora":
+        p.error(f"--save-merged merges a LoRA adapter; it does not apply to --method {args.method}")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).name}-{args.method}")
     return args
@@ -270,6 +277,8 @@ def build_model(args, folder, cfg, task, num_labels):
     if needed > max_positions:
         raise LoadError(f"--max-length {args.max_length}" + (f" + {args.num_virtual_tokens} virtual tokens"
                         if args.method == "prompt" else "") + f" exceeds {args.model}'s maximum of {max_positions} positions")
+    if args.quant != "none":
+        map_large_allocations()  # QLoRA is about memory: let freed activations leave the process (quant/allocator.py)
     return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
                       quant=None if args.quant == "none" else args.quant)
 
@@ -455,6 +464,9 @@ def main(argv=None):
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {out / 'adapter'}")
+        if args.save_merged:  # last, as merging changes the model in place
+            save_model(merge_and_unload(dequantize_model(model)), out / "merged", tokenizer)
+            print(f"saved the merged model: {out / 'merged'}")
     if world > 1:
         dist.destroy_process_group()
     return after
@@ -463,14 +475,10 @@ def main(argv=None):
 def save_output(model, tokenizer, folder, args):
     """The adapter in peft's format (or, after full fine-tuning, the whole model) and the tokenizer."""
     if args.method == "none":
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
-        with open(folder / "config.json", "w", encoding="utf-8") as f:
-            json.dump(model.config, f, indent=2)
+        save_model(model, folder, tokenizer)
     else:
         save_adapter(model, folder)
-    tokenizer.save(folder)
+        tokenizer.save(folder)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,6 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         self.out_features, self.in_features = self._base_weight().shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -92,6 +91,11 @@ class LoRALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._dora_merge_factor: dict[str, torch.Tensor] = {}  # f used at merge time, for unmerge
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base stores its weight (in, out), as GPT-2's Conv1D (peft's fan_in_fan_out)."""
+        return type(self.base_layer).__name__ == "Conv1D"
 
     # ---- adapter management -------------------------------------------------------------------
 

@@ -6,7 +6,7 @@
 from .common import KVCache
 from .generate import generate
 from .gpt2 import Conv1D
-from .loading import ALIASES, FAMILIES, LoadError, load_model, resolve
+from .loading import ALIASES, FAMILIES, LoadError, load_model, resolve, save_model
 from .tokenizer import Tokenizer
 
-__all__ = ["load_model", "generate", "LoadError", "Tokenizer", "KVCache", "Conv1D", "resolve", "ALIASES", "FAMILIES"]
+__all__ = ["load_model", "save_model", "generate", "LoadError", "Tokenizer", "KVCache", "Conv1D", "resolve", "ALIASES", "FAMILIES"]

@@ -151,9 +151,10 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
                 pending.setdefault(owner, {})[attr] = f.get_tensor(key).to(dtype)
                 if len(pending[owner]) == len(list(targets[owner].parameters())):
                     tensors = pending.pop(owner)
-                    weight = tensors["weight"].t() if type(targets[owner]).__name__ == "Conv1D" else tensors["weight"]
+                    conv1d = type(targets[owner]).__name__ == "Conv1D"  # stores (in, out)
+                    weight = tensors["weight"].t() if conv1d else tensors["weight"]
                     cls, options = FORMATS[quant]
-                    model.set_submodule(owner, cls.from_weight(weight, tensors.get("bias"), dtype, **options))
+                    model.set_submodule(owner, cls.from_weight(weight, tensors.get("bias"), dtype, conv1d, **options))
                     quantized.update(f"{owner}.{a}" for a in tensors)
     missing = [n for n in ours if n not in state and n not in quantized and not is_new_head(n, model)]
     if missing:
@@ -196,3 +197,33 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
     model.config, model.name_or_path = cfg, str(name_or_path)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     return model.eval(), tokenizer
+
+
+def save_model(model, folder, tokenizer=None):
+    """Write `model` as a Hugging Face checkpoint (config.json, model.safetensors with HF names, and
+    the tokenizer's files when given): load_model and transformers' from_pretrained both read it.
+
+    A LoRA model must be merged first (lora.merge_and_unload) and a quantized one dequantized
+    (quant.dequantize_model): the file holds plain full-precision weights only.
+    """
+    from safetensors.torch import save_file
+
+    wrapped = [name for name, m in model.named_modules() if hasattr(m, "lora_A") or hasattr(m, "dequantized_weight")]
+    if wrapped:
+        raise ValueError(f"{wrapped[0]} is a LoRA or quantized layer; merge_and_unload / dequantize_model the "
+                         "model before saving it as a plain checkpoint")
+    tied = getattr(model, "tie_word_embeddings", False)
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()
+             if not (tied and name == "lm_head.weight")}  # a tied head is the embedding, stored once
+    config = dict(model.config)
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if head is not None:  # sequence classification: transformers sizes the head from id2label
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(head.out_features)}
+        config["label2id"] = {label: int(i) for i, label in config["id2label"].items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with open(folder / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(folder)

@@ -33,6 +33,25 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
 
 
+_DEQUANTIZE_BUFFERS = {}  # device -> float32 scratch, grown to the largest 4-bit weight seen
+
+
+def _dequantize_buffer(packed: torch.Tensor) -> torch.Tensor:
+    """A float32 scratch tensor for one 4-bit weight's Ŵ, shared by all layers on that device.
+
+    Dequantizing every layer into one reused buffer (rather than a fresh tensor per layer, per
+    forward and per backward) keeps the allocator from fragmenting the heap with short-lived
+    weight-sized blocks between the activations: on CPU that costs more peak memory than NF4 saves.
+    Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
+    node at a time); Ŵ is never saved for backward.
+    """
+    numel = packed.numel() * 2
+    buffer = _DEQUANTIZE_BUFFERS.get(packed.device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _DEQUANTIZE_BUFFERS[packed.device] = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    return buffer[:numel]
+
+
 class _QuantizedMatmul(torch.autograd.Function):
     """y = layer.matmul(x), with dL/dx = dL/dy · Ŵ from a re-dequantized Ŵ (nothing is saved)."""
 
@@ -45,7 +64,7 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return grad_y @ ctx.layer.dequantized_weight().to(grad_y.dtype), None
+        return grad_y @ ctx.layer.transient_weight().to(grad_y.dtype), None
 
 
 class _QuantizedLinear(nn.Module):
@@ -57,6 +76,7 @@ class _QuantizedLinear(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.backend = compute_dtype, backend
+        self.fan_in_fan_out = False  # set by from_weight: the replaced layer stored (in, out)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -64,12 +84,19 @@ class _QuantizedLinear(nn.Module):
         """Quantize an nn.Linear or Conv1D; options: blocksize, double_quant (4-bit) or threshold
         (8-bit), and backend ("ours" or "bnb")."""
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_weight(linear_weight(linear), bias, compute_dtype, **options)
+        fan_in_fan_out = type(linear).__name__ == "Conv1D"
+        return cls.from_weight(linear_weight(linear), bias, compute_dtype, fan_in_fan_out, **options)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias=None, compute_dtype=torch.float32, **options):
-        """Quantize a (out, in) weight (and keep `bias`, if any, in compute_dtype)."""
+    def from_weight(cls, weight: torch.Tensor, bias=None, compute_dtype=torch.float32, fan_in_fan_out=False,
+                    **options):
+        """Quantize a (out, in) weight (and keep `bias`, if any, in compute_dtype).
+
+        fan_in_fan_out: the layer being replaced stored its weight (in, out) (GPT-2's Conv1D), so
+        dequantize_model gives a Conv1D back and the model's checkpoint layout survives the round trip.
+        """
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, compute_dtype, **options)
+        layer.fan_in_fan_out = fan_in_fan_out
         layer.requantize_(weight)
         if bias is not None:
             layer.bias.data = bias.to(compute_dtype, copy=True)  # never a view of the caller's memory
@@ -123,14 +150,22 @@ class Linear4bit(_QuantizedLinear):
         shape = torch.Size((self.out_features, self.in_features))
         return NF4State(self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, self.absmax_offset)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Ŵ (out, in) in compute_dtype."""
+    def dequantized_weight(self, out=None) -> torch.Tensor:
+        """Ŵ (out, in) in compute_dtype; `out`: a float32 buffer to dequantize into (ours only)."""
         if self.backend == "bnb":
             return _bnb_dequantize_4bit(self.weight_packed, self.state)
-        return dequantize_nf4(self.weight_packed, self.state)
+        return dequantize_nf4(self.weight_packed, self.state, out=out)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight())
+    def transient_weight(self) -> torch.Tensor:
+        """Ŵ in the buffer all 4-bit layers share: valid until the next layer dequantizes."""
+        return self.dequantized_weight(out=_dequantize_buffer(self.weight_packed))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        # written through a 2-D view into a fresh (..., out) tensor, so the result is not itself a view
+        # and _QuantizedMatmul need not copy it
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        torch.mm(x.reshape(-1, self.in_features), self.transient_weight().t(), out=y.view(-1, self.out_features))
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -162,6 +197,8 @@ class Linear8bit(_QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         """Ŵ = W_i8 · c_w / 127, (out, in) in compute_dtype."""
         return vectorwise_dequantize(self.weight_int8, self.weight_absmax).to(self.compute_dtype)
+
+    transient_weight = dequantized_weight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         x_2d = x.reshape(-1, self.in_features)
@@ -239,6 +276,34 @@ def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if is_linear(child) and not is_skipped(name, skip):
                 setattr(parent, child_name, layer_cls.from_linear(child, **config))
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a full-precision one holding Ŵ, in place (the inverse of
+    quantize_model up to quantization error): nn.Linear, or Conv1D where the original was one.
+
+    With LoRA on top, `dequantize_model` then `merge_and_unload` merges into a full-precision copy,
+    W = Ŵ + ΔW exactly, instead of requantizing Ŵ + ΔW (which rounds it): the way to export a
+    QLoRA fine-tune as a plain checkpoint.
+    """
+    from models.gpt2 import Conv1D  # imported here: models depends on quant, not the reverse
+
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, _QuantizedLinear):
+            continue
+        weight = layer.dequantized_weight()  # (out, in) in compute_dtype
+        if layer.fan_in_fan_out:
+            full = Conv1D(layer.in_features, layer.out_features).to(weight.dtype)
+            full.weight.copy_(weight.t())
+            full.bias.copy_(layer.bias)  # GPT-2's Conv1D always has a bias
+        else:
+            full = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=weight.dtype)
+            full.weight.copy_(weight)
+            if layer.bias is not None:
+                full.bias.copy_(layer.bias)
+        model.set_submodule(name, full.requires_grad_(False).to(weight.device))
     return model
 
 

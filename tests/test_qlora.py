@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora import LoRALinear, LoraConfig, apply_lora, load_adapter, merge_adapter, merge_and_unload, save_adapter
-from models import load_model
+from models import load_model, save_model
 from models.loading import LoadError
-from quant import Linear4bit, Linear8bit, int8_linear, quantize_nf4, vectorwise_quantize
+from quant import Linear4bit, Linear8bit, dequantize_model, int8_linear, quantize_nf4, vectorwise_quantize
 from tiny import NUM_LABELS, load_hf, random_ids
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -442,6 +442,56 @@ def test_merge_into_quantized_base_requantizes(tiny, quant):
 
 
 @pytest.mark.parametrize("family,task,quant", [("qwen2", "causal-lm", "nf4"), ("gpt2", "causal-lm", "nf4-dq"),
+                                               ("llama-tied", "causal-lm", "nf4"), ("bert", "seq-cls", "int8")])
+def test_merge_into_full_precision_copy_and_export(tiny, tmp_path, family, task, quant):
+    """dequantize_model + merge_and_unload: every layer holds exactly Ŵ + ΔW in fp32 (no requantization),
+    GPT-2 gets its Conv1D layout back, and the saved checkpoint loads in ours and in transformers."""
+    folder = tiny.folder(family, task)
+    model = qlora(folder, family, task, quant)
+    ids, mask = inputs(family)
+    unmerged = run_ours(model, ids, mask)
+    expected = {}
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, LoRALinear):
+                delta = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+                expected[name] = layer.base_layer.dequantized_weight() + delta  # (out, in)
+    quantized_names = {name for name, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}
+    types = {name: type(m).__name__ for name, m in load_model(folder, task=task, num_labels=NUM_LABELS)[0].named_modules()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no requantization warning: nothing is rounded
+        merged = merge_and_unload(dequantize_model(model))
+    assert not any(isinstance(m, (LoRALinear, Linear4bit, Linear8bit)) for m in merged.modules())
+    for name in quantized_names:  # the original layer type (nn.Linear or Conv1D), fp32
+        layer = merged.get_submodule(name.removesuffix(".base_layer"))
+        assert type(layer).__name__ == types[name.removesuffix(".base_layer")] and layer.weight.dtype == torch.float32
+    for name, weight in expected.items():
+        layer = merged.get_submodule(name)
+        stored = layer.weight.t() if type(layer).__name__ == "Conv1D" else layer.weight
+        assert torch.equal(stored, weight), name
+    # int8 computes with quantized activations, so only the weight-only formats are the same function
+    exported = run_ours(merged, ids, mask)
+    if quant != "int8":
+        check_close(exported, unmerged, 2e-5, "merged full-precision copy vs unmerged QLoRA")
+
+    tokenizer = load_model(folder, task=task, num_labels=NUM_LABELS)[1]
+    save_model(merged, tmp_path / "export", tokenizer)
+    again, _ = load_model(tmp_path / "export", task=task, num_labels=NUM_LABELS)
+    check_close(run_ours(again, ids, mask), exported, 0, "our reload of the export")
+    hf = load_hf(tmp_path / "export", family, task)
+    check_close(run_ref(hf, ids, mask), exported, 1e-5, "transformers' load of the export")
+
+
+def test_save_model_refuses_wrapped_layers(tiny, tmp_path):
+    model = qlora(tiny.folder("qwen2", "causal-lm"), "qwen2", "causal-lm")
+    with pytest.raises(ValueError, match="merge_and_unload / dequantize_model"):
+        save_model(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="merge_and_unload / dequantize_model"):
+        save_model(merge_and_unload(model), tmp_path / "out")  # merged into the 4-bit base: still quantized
+
+
+@pytest.mark.parametrize("family,task,quant", [("qwen2", "causal-lm", "nf4"), ("gpt2", "causal-lm", "nf4-dq"),
                                                ("bert", "seq-cls", "int8")])
 def test_saved_qlora_adapter_equals_fp32_adapter(tiny, tmp_path, family, task, quant):
     folder = tiny.folder(family, task)
@@ -481,3 +531,39 @@ def test_unknown_quantization_names_the_choices(tiny):
     folder = tiny.folder("qwen2", "causal-lm")
     with pytest.raises(LoadError, match=r"'nf3'.*nf4, nf4-dq, int8"):
         load_model(folder, task="causal-lm", quant="nf3")
+
+
+# ------------------------------------------------------------------ 6. allocator policy (train.py --quant)
+
+ALLOCATOR_CHILD = r"""
+import sys, torch
+from quant.allocator import map_large_allocations
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+if sys.argv[1] == "mapped" and not map_large_allocations():
+    print("unavailable"); sys.exit()
+del_me = torch.ones(16 << 20, dtype=torch.uint8); del del_me  # glibc now keeps blocks < 16 MiB in its heap
+blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(100)]  # 100 MiB of 1 MiB tensors
+before = rss()
+del blocks[:-1]  # the last one pins the top of the heap
+print(before - rss())
+"""
+
+
+@pytest.mark.parametrize("policy", ["default", "mapped"])
+def test_map_large_allocations_returns_freed_tensors_to_the_os(policy):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs /proc to read the resident set size")
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, policy], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    if out == "unavailable":
+        pytest.skip("mallopt(M_MMAP_THRESHOLD) needs glibc")
+    released = int(out) / 2**20
+    if policy == "mapped":
+        assert released > 90, f"only {released:.0f} MiB of 99 freed MiB went back to the OS"
+    else:  # the behaviour the setting exists for: glibc's heap keeps the freed blocks
+        assert released < 10, f"{released:.0f} MiB released without the setting; the premise no longer holds"

@@ -10,6 +10,7 @@ from torch import nn
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
+from quant.nf4 import DEQUANTIZE_CHUNK, QUANTIZE_CHUNK
 from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
                    quantize_model, quantize_nf4, vectorwise_quantize)
 
@@ -59,6 +60,39 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
     dequantized = dequantize_nf4(packed, state)
     assert dequantized.dtype == dtype and dequantized.shape == w.shape
     assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
+
+
+def test_nf4_chunks_and_dequantize_into_buffer():
+    """A weight of several quantize/dequantize chunks (a partial last one) gives bnb's bytes; dequantizing
+    into a larger, dirty buffer gives bnb's values."""
+    w = weight((300, 256), torch.float32)
+    assert w.numel() > QUANTIZE_CHUNK and w.numel() // 2 > DEQUANTIZE_CHUNK
+    packed, state = quantize_nf4(w, 128)
+    ref_packed, ref_state = bnb_quantize(w, 128, False)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+    buffer = torch.full((w.numel() + 100,), float("nan"))
+    dequantized = dequantize_nf4(packed, state, out=buffer)
+    assert dequantized.data_ptr() == buffer.data_ptr()
+    assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
+    with pytest.raises(ValueError, match="at least 76800 elements"):
+        dequantize_nf4(packed, state, out=torch.empty(100))
+
+
+def test_linear4bit_layers_share_the_dequantize_buffer_safely():
+    """Layers of different sizes dequantize into one scratch buffer; forward and backward stay exact."""
+    torch.manual_seed(0)
+    small, big = nn.Linear(64, 32), nn.Linear(32, 256)
+    q_small, q_big = Linear4bit.from_linear(small), Linear4bit.from_linear(big)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = q_big(torch.tanh(q_small(x)))
+    y.square().sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_small, w_big = q_small.dequantized_weight(), q_big.dequantized_weight()
+    y_ref = F.linear(torch.tanh(F.linear(x_ref, w_small, q_small.bias)), w_big, q_big.bias)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_nf4_ties_and_rounding():

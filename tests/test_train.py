@@ -162,6 +162,32 @@ def test_causal_lm_loss_falls(tiny, tmp_path):
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]), rel=1e-9)
 
 
+def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
+    """--quant nf4 --save-merged: <out>/merged is a plain fp32 checkpoint computing what the 4-bit base
+    plus the saved adapter computes (the adapter merged into Ŵ, not requantized)."""
+    from lora import load_adapter
+
+    folder = tiny.folder("llama", "causal-lm")
+    out = tmp_path / "out"
+    run(folder, pair_dataset(tmp_path / "data"), out, "--max-steps", 3, "--batch-size", 8, "--lr", 3e-2,
+        "--quant", "nf4", "--save-merged")
+    qlora = load_adapter(load_model(folder, task="causal-lm", quant="nf4")[0], out / "adapter").eval()
+    merged, _ = load_model(out / "merged", task="causal-lm")
+    assert not any(hasattr(m, "dequantized_weight") for m in merged.modules())
+    ids = random_ids("llama", 2, 12, seed=3)
+    with torch.no_grad():
+        expected, got = qlora(ids, torch.ones_like(ids)), merged(ids, torch.ones_like(ids))
+        base = load_model(folder, task="causal-lm", quant="nf4")[0](ids, torch.ones_like(ids))
+    assert (expected - base).abs().max() > 1e-3, "the adapter changed nothing; the comparison would be vacuous"
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def test_save_merged_needs_lora(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "x", "--method", "prompt", "--save-merged"])
+    assert "--save-merged merges a LoRA adapter" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ gradient accumulation
 
 
