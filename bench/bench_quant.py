@@ -23,10 +23,13 @@ def cases(weight):
     ref_packed, ref_state = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     packed_dq, state_dq = quantize_nf4(weight, double_quant=True)
     ref_packed_dq, ref_state_dq = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    buffer = torch.empty(weight.numel())
     return [
         ("quantize nf4", lambda: quantize_nf4(weight),
          lambda: bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4")),
         ("dequantize nf4", lambda: dequantize_nf4(packed, state),
+         lambda: bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4")),
+        ("dequantize nf4 into a reused buffer (as Linear4bit)", lambda: dequantize_nf4(packed, state, out=buffer),
          lambda: bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4")),
         ("dequantize nf4 + double quant", lambda: dequantize_nf4(packed_dq, state_dq),
          lambda: bnbF.dequantize_4bit(ref_packed_dq, ref_state_dq, quant_type="nf4")),

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
-from .nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize, dequantize_nf4, quantize_nf4
+from .nf4 import (DEQUANTIZE_CHUNK, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
+                  dequantize_nf4, quantize_nf4)
 
 BACKENDS = ("ours", "bnb")
 
@@ -33,23 +34,24 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
 
 
-_DEQUANTIZE_BUFFERS = {}  # device -> float32 scratch, grown to the largest 4-bit weight seen
+_DEQUANTIZE_BUFFERS = {}  # device -> (float32 Ŵ buffer, int32 index scratch), grown to the largest weight seen
 
 
-def _dequantize_buffer(packed: torch.Tensor) -> torch.Tensor:
-    """A float32 scratch tensor for one 4-bit weight's Ŵ, shared by all layers on that device.
+def _dequantize_buffers(packed: torch.Tensor):
+    """Scratch tensors for one 4-bit weight's Ŵ and its chunk indices, shared by all layers on that device.
 
     Dequantizing every layer into one reused buffer (rather than a fresh tensor per layer, per
-    forward and per backward) keeps the allocator from fragmenting the heap with short-lived
-    weight-sized blocks between the activations: on CPU that costs more peak memory than NF4 saves.
+    forward and per backward) keeps weight-sized temporaries out of the allocator altogether.
     Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
     node at a time); Ŵ is never saved for backward.
     """
     numel = packed.numel() * 2
-    buffer = _DEQUANTIZE_BUFFERS.get(packed.device)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _DEQUANTIZE_BUFFERS[packed.device] = torch.empty(numel, dtype=torch.float32, device=packed.device)
-    return buffer[:numel]
+    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (None, None))
+    if weight is None or weight.numel() < numel:
+        weight = torch.empty(numel, dtype=torch.float32, device=packed.device)
+        index = torch.empty(min(DEQUANTIZE_CHUNK, numel // 2), dtype=torch.int32, device=packed.device)
+        _DEQUANTIZE_BUFFERS[packed.device] = weight, index
+    return weight[:numel], index
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -150,15 +152,18 @@ class Linear4bit(_QuantizedLinear):
         shape = torch.Size((self.out_features, self.in_features))
         return NF4State(self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, self.absmax_offset)
 
-    def dequantized_weight(self, out=None) -> torch.Tensor:
-        """Ŵ (out, in) in compute_dtype; `out`: a float32 buffer to dequantize into (ours only)."""
+    def dequantized_weight(self) -> torch.Tensor:
+        """Ŵ (out, in) in compute_dtype."""
         if self.backend == "bnb":
             return _bnb_dequantize_4bit(self.weight_packed, self.state)
-        return dequantize_nf4(self.weight_packed, self.state, out=out)
+        return dequantize_nf4(self.weight_packed, self.state)
 
     def transient_weight(self) -> torch.Tensor:
         """Ŵ in the buffer all 4-bit layers share: valid until the next layer dequantizes."""
-        return self.dequantized_weight(out=_dequantize_buffer(self.weight_packed))
+        if self.backend == "bnb":
+            return self.dequantized_weight()
+        out, scratch = _dequantize_buffers(self.weight_packed)
+        return dequantize_nf4(self.weight_packed, self.state, out=out, scratch=scratch)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         # written through a 2-D view into a fresh (..., out) tensor, so the result is not itself a view

@@ -10,7 +10,7 @@ from torch import nn
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
-from quant.nf4 import DEQUANTIZE_CHUNK, QUANTIZE_CHUNK
+from quant import nf4
 from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
                    quantize_model, quantize_nf4, vectorwise_quantize)
 
@@ -62,11 +62,13 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
     assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
 
 
-def test_nf4_chunks_and_dequantize_into_buffer():
+def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
     """A weight of several quantize/dequantize chunks (a partial last one) gives bnb's bytes; dequantizing
     into a larger, dirty buffer gives bnb's values."""
+    monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 12)  # small chunks, so a small weight spans many
+    monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 1 << 11)
     w = weight((300, 256), torch.float32)
-    assert w.numel() > QUANTIZE_CHUNK and w.numel() // 2 > DEQUANTIZE_CHUNK
+    assert w.numel() % nf4.QUANTIZE_CHUNK and (w.numel() // 2) % nf4.DEQUANTIZE_CHUNK
     packed, state = quantize_nf4(w, 128)
     ref_packed, ref_state = bnb_quantize(w, 128, False)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
