@@ -1,0 +1,123 @@
+"""eval.py end to end, against references computed in the test from the tiny random checkpoints:
+
+  * adapters: peft.PeftModel.from_pretrained on the transformers model, fed our tokenizer's ids (whose
+    parity with transformers' tokenizer is tested in test_models.py);
+  * --quant nf4: the transformers model whose linear weights are bitsandbytes' dequantization of
+    bitsandbytes' NF4 quantization (test_qlora.reference_model), its loss per text.
+Checked: the table's JSON for two adapters (accuracy exactly, loss within 1e-5), --merge equals the
+unmerged adapter, --predict prints peft's softmax probabilities, plain-text perplexity of a 4-bit base.
+"""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_cli
+from lora import LoraConfig, apply_lora, save_adapter
+from models import Tokenizer, load_model
+from test_qlora import reference_model
+from test_train import keyword_rows, write_jsonl
+from tiny import NUM_LABELS, load_hf
+
+peft = pytest.importorskip("peft")
+MAX_LENGTH = 32
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def random_adapter(folder, out, seed):
+    """A seq-cls LoRA adapter (and head) with every saved weight random, written in peft's format."""
+    model = load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0]
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    save_adapter(model, out)
+    return out
+
+
+def peft_logits(folder, adapter, texts):
+    tok = Tokenizer.from_folder(folder, json.loads((folder / "config.json").read_text()))
+    batch = tok(texts, truncation=True, max_length=MAX_LENGTH)
+    model = peft.PeftModel.from_pretrained(load_hf(folder, "distilbert", "seq-cls"), str(adapter)).eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.fixture
+def setup(tiny, tmp_path):
+    folder = tiny.folder("distilbert", "seq-cls")
+    rows = keyword_rows(24, NUM_LABELS, seed=4)
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    adapters = [random_adapter(folder, tmp_path / f"adapter{i}", seed=i) for i in (1, 2)]
+    return folder, rows, dataset, adapters
+
+
+def run_eval(*argv):
+    return eval_cli.main([str(a) for a in argv])
+
+
+def test_table_of_two_adapters_equals_peft(setup, tmp_path):
+    folder, rows, dataset, adapters = setup
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", "base",
+                       *adapters, "--json", tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert list(results) == ["base", adapters[0].name, adapters[1].name]  # columns named by folder
+    labels = torch.tensor([r["label"] for r in rows])
+    for adapter in adapters:
+        logits = peft_logits(folder, adapter, [r["text"] for r in rows])
+        assert results[adapter.name]["accuracy"] == (logits.argmax(-1) == labels).sum().item() / len(rows)
+        assert results[adapter.name]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
+    assert results[adapters[0].name] != results[adapters[1].name]
+
+
+def test_merged_adapter_equals_unmerged(setup):
+    folder, _, dataset, adapters = setup
+    common = ("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", adapters[0])
+    unmerged = run_eval(*common)[adapters[0].name]
+    merged = next(iter(run_eval(*common, "--merge").values()))
+    assert merged["accuracy"] == unmerged["accuracy"]
+    assert merged["loss"] == pytest.approx(unmerged["loss"], abs=1e-5)
+
+
+def test_predict_prints_peft_probabilities(setup, capsys):
+    folder, _, _, adapters = setup
+    texts = ["a wonderful film", "terrible plot and it was okay"]
+    run_eval("--model", folder, "--adapters", adapters[1], "--num-labels", NUM_LABELS, "--max-length", MAX_LENGTH,
+             "--predict", *texts)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [p["text"] for p in printed] == texts
+    expected = peft_logits(folder, adapters[1], texts).softmax(-1)
+    got = torch.tensor([p["probabilities"] for p in printed])
+    torch.testing.assert_close(got, expected, rtol=0, atol=6e-5)  # printed with 4 decimals
+
+
+def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, monkeypatch):
+    folder = tiny.folder("llama", "causal-lm")
+    texts = ["the movie was wonderful and the plot was okay", "a terrible film", "it is a story of the rain"]
+    dataset = write_jsonl(tmp_path / "data", "test", [{"text": t} for t in texts])
+    mapped = []
+    monkeypatch.setattr(eval_cli, "map_large_allocations", lambda: mapped.append(True))  # keep the test process's allocator
+    results = run_eval("--model", folder, "--dataset", dataset, "--task", "causal-lm", "--quant", "nf4",
+                       "--max-length", 64)
+    assert mapped == [True]
+
+    reference = reference_model(folder, "llama", "causal-lm", "nf4")
+    tok = load_model(folder, task="causal-lm")[1]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok.encode(text)])
+            total += reference(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert results["base"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
