@@ -21,7 +21,7 @@ from lora import (AdapterError, LoRALinear, LoraConfig, ModulesToSave, apply_lor
                   load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, trainable_parameters,
                   unmerge_adapter)
 from models import load_model
-from tiny import NUM_LABELS, load_hf, random_ids, write_checkpoint
+from tiny import NUM_LABELS, load_hf, random_ids, run_ours, write_checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -108,13 +108,6 @@ def copy_ref_to_ours(ref, ours):
 def inputs(family, batch=2, length=9, seed=0):
     ids = random_ids(family, batch, length, seed=seed)
     return ids, torch.ones_like(ids)
-
-
-def run_ours(model, ids, mask, grad=False):
-    with torch.set_grad_enabled(grad):
-        out = model(ids, mask)
-    assert isinstance(out, torch.Tensor)
-    return out
 
 
 def run_ref(model, ids, mask, grad=False):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lora import AdapterError, PromptTuningModel, load_adapter, save_adapter
 from models import generate, load_model
-from tiny import HIDDEN, NUM_LABELS, SPECIAL_IDS, _TOKENIZER_KIND, load_hf, random_ids
+from tiny import HIDDEN, NUM_LABELS, SPECIAL_IDS, _TOKENIZER_KIND, load_hf, random_ids, run_ours
 
 peft = pytest.importorskip("peft")
 
@@ -87,13 +87,6 @@ def copy_ref_to_ours(ref, wrapper):
 def inputs(family, batch=2, length=7, seed=0):
     ids = random_ids(family, batch, length, seed=seed)
     return ids, torch.ones_like(ids)
-
-
-def run_ours(model, ids, mask, grad=False):
-    with torch.set_grad_enabled(grad):
-        out = model(ids, mask)
-    assert isinstance(out, torch.Tensor)
-    return out
 
 
 def run_ref(ref, ids, mask, n_virtual, grad=False):

@@ -29,7 +29,7 @@ from lora import LoRALinear, LoraConfig, apply_lora, load_adapter, merge_adapter
 from models import load_model, save_model
 from models.loading import LoadError
 from quant import Linear4bit, Linear8bit, dequantize_model, int8_linear, quantize_nf4, vectorwise_quantize
-from tiny import NUM_LABELS, load_hf, random_ids
+from tiny import NUM_LABELS, load_hf, random_ids, run_ours
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -127,11 +127,6 @@ def inputs(family, batch=2, length=9, seed=0):
     if family == "bert":
         mask[1, -2:] = 0  # a padded encoder row (decoders stay unpadded)
     return ids, mask
-
-
-def run_ours(model, ids, mask, grad=False):
-    with torch.set_grad_enabled(grad):
-        return model(ids, mask)
 
 
 def run_ref(model, ids, mask, grad=False):

@@ -357,6 +357,14 @@ def random_ids(family: str, batch: int, length: int, seed: int = 0) -> torch.Ten
     return torch.randint(n_special, tokenizer_vocab_size(family), (batch, length), generator=g)
 
 
+def run_ours(model, ids, mask, grad=False):
+    """Our model's output (logits or hidden states) for a batch, with or without autograd."""
+    with torch.set_grad_enabled(grad):
+        out = model(ids, mask)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
 class Checkpoints:
     """Writes each (family, task) checkpoint once under `root` and caches the transformers model."""
 
