@@ -182,6 +182,24 @@ def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
+def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
+    """--method none on a tied decoder: the saved model (embedding stored once) loads in ours and in
+    transformers with equal logits, and differs from the starting checkpoint."""
+    from tiny import load_hf
+
+    folder = tiny.folder("llama-tied", "causal-lm")
+    out = tmp_path / "out"
+    run(folder, pair_dataset(tmp_path / "data"), out, "--max-steps", 2, "--batch-size", 8, "--method", "none",
+        "--lr", 1e-3)
+    ids = random_ids("llama-tied", 2, 12, seed=3)
+    with torch.no_grad():
+        ours = load_model(out / "adapter", task="causal-lm")[0](ids, torch.ones_like(ids))
+        theirs = load_hf(out / "adapter", "llama-tied", "causal-lm")(input_ids=ids).logits
+        before = load_model(folder, task="causal-lm")[0](ids, torch.ones_like(ids))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours - before).abs().max() > 1e-3
+
+
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "x", "--method", "prompt", "--save-merged"])
