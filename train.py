@@ -144,9 +144,12 @@ def prepare_data(args, tokenizer, task, splits):
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)
     names = data.label_names([train_rows, eval_rows, test_rows]) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
-    return (*(data.encode(rows, task, tokenizer, args.max_length, names, words, name)
-              for rows, name in ((train_rows, train_name), (eval_rows, eval_name), (test_rows, test_name))),
-            names, words)
+    train_set, eval_set = (data.encode(rows, task, tokenizer, args.max_length, names, words, name)
+                           for rows, name in ((train_rows, train_name), (eval_rows, eval_name)))
+    # one split for both (e.g. no validation split): the same object, so main() can reuse its evaluation
+    test_set = eval_set if test_name == eval_name else data.encode(test_rows, task, tokenizer, args.max_length,
+                                                                   names, words, test_name)
+    return train_set, eval_set, test_set, names, words
 
 
 def micro_batches(n_examples, batch_size, world, seed, epoch):
@@ -330,7 +333,8 @@ def main(argv=None):
         eval_seconds[0] += time.time() - start
         return result
 
-    state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad_evals": 0, "before": None}
+    state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
+             "before": None}
     if args.resume and (out / "checkpoint" / "state.json").is_file():
         with open(out / "checkpoint" / "state.json", encoding="utf-8") as f:
             state = json.load(f)
@@ -418,6 +422,7 @@ def main(argv=None):
                                                    else result[metric] < state["best"])
                 if better:
                     state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
+                    state["best_metrics"] = result
                     if is_main:
                         (out / "best").mkdir(parents=True, exist_ok=True)
                         save_file(trainable_state(model), str(out / "best" / "trainable.safetensors"))
@@ -453,7 +458,10 @@ def main(argv=None):
         dist.barrier()  # rank 0 has written best/ before any rank reads it
     if state["best_step"] is not None:  # this run's (or the resumed run's) best evaluation
         load_trainable(model, out / "best" / "trainable.safetensors")
-    after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
+    if test_set is eval_set and not args.rouge and state.get("best_metrics") is not None:
+        after = state["best_metrics"]  # the best weights were already evaluated on these very examples
+    else:
+        after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
     if is_main:
         print(f"\n{args.model} on {args.dataset} ({task}, {args.method}), best step {state['best_step']} by {metric}:")
         print(results_table(state["before"], after))

@@ -208,7 +208,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
     weight = out.view(-1)[: 2 * n_bytes]
     two_levels = weight.view(torch.int64)  # (numel / 2,) each entry the two float32 levels of one byte
     table = TWO_LEVELS_BY_BYTE.to(packed.device)
-    index = torch.empty(min(DEQUANTIZE_CHUNK, n_bytes), dtype=torch.int32, device=packed.device) if scratch is None else scratch
+    index = scratch if scratch is not None else torch.empty(min(DEQUANTIZE_CHUNK, n_bytes), dtype=torch.int32,
+                                                            device=packed.device)
     for start in range(0, n_bytes, DEQUANTIZE_CHUNK):  # a chunk is a whole number of blocks
         stop = min(start + DEQUANTIZE_CHUNK, n_bytes)
         chunk_index = index[: stop - start]

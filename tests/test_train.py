@@ -200,6 +200,26 @@ def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
     assert (ours - before).abs().max() > 1e-3
 
 
+def test_shared_eval_and_test_split_is_evaluated_once(tiny, tmp_path, monkeypatch):
+    """Without a test split the final evaluation of the best weights is reused for "after"; it equals
+    evaluating the saved adapter afresh."""
+    from lora import load_adapter
+
+    calls = []
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: calls.append(a[1]) or evaluation.evaluate(*a, **k))
+    folder = tiny.folder("distilbert", "base")
+    dataset = keyword_dataset(tmp_path / "data", n_train=16, n_eval=8)  # train + validation only
+    out = tmp_path / "out"
+    after = run(folder, dataset, out, "--max-steps", 3, "--batch-size", 8, "--lr", 1e-2)
+    assert len(calls) == 2 and calls[0] is calls[1]  # before, and the end of training; not a third time
+    model, tok = load_model(folder, task="seq-cls", num_labels=2)
+    model = load_adapter(model, out / "adapter").eval()
+    fresh = evaluation.evaluate(model, calls[0], "seq-cls", tok, batch_size=16)
+    assert fresh.keys() == after.keys()
+    for key in after:
+        assert after[key] == pytest.approx(fresh[key], abs=1e-6), key
+
+
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "x", "--method", "prompt", "--save-merged"])
