@@ -236,9 +236,12 @@ def _bnb_dequantize_4bit(packed, state):
     if state.double_quant:
         nested = bnb_functional.QuantState(absmax=state.nested_absmax, code=DYNAMIC_CODE, blocksize=NESTED_BLOCKSIZE,
                                            dtype=torch.float32)
-    qs = bnb_functional.QuantState(absmax=state.absmax, shape=state.shape, code=NF4_CODE, blocksize=state.blocksize,
-                                   quant_type="nf4", dtype=state.dtype, offset=state.offset, state2=nested)
-    return bnb_functional.dequantize_4bit(packed, qs)
+    # a flat shape: bitsandbytes 0.50.2's AVX512 CPU kernel walks rows and takes the wrong scale for
+    # blocks that straddle two rows (in_features not a multiple of the blocksize); the stream is flat
+    qs = bnb_functional.QuantState(absmax=state.absmax, shape=(state.shape.numel(),), code=NF4_CODE,
+                                   blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype, offset=state.offset,
+                                   state2=nested)
+    return bnb_functional.dequantize_4bit(packed, qs).view(state.shape)
 
 
 def _bnb_int8_linear(x, weight_int8, weight_absmax, threshold):

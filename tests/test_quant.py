@@ -10,6 +10,7 @@ from torch import nn
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
+from bnb_reference import bnb_dequantize, fp32_linear4bit
 from quant import nf4
 from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
                    quantize_model, quantize_nf4, vectorwise_quantize)
@@ -59,7 +60,7 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
 
     dequantized = dequantize_nf4(packed, state)
     assert dequantized.dtype == dtype and dequantized.shape == w.shape
-    assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
+    assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
 
 
 def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
@@ -75,7 +76,7 @@ def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
     buffer = torch.full((w.numel() + 100,), float("nan"))
     dequantized = dequantize_nf4(packed, state, out=buffer)
     assert dequantized.data_ptr() == buffer.data_ptr()
-    assert torch.equal(dequantized, bnbF.dequantize_4bit(ref_packed, ref_state, quant_type="nf4"))
+    assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
     with pytest.raises(ValueError, match="at least 76800 elements"):
         dequantize_nf4(packed, state, out=torch.empty(100))
 
@@ -185,14 +186,23 @@ def inputs(shape, seed=3, outlier_column=None):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
-    linear = fp16_exact_linear(256, 96)
-    x = inputs((4, 5, 256))
+@pytest.mark.parametrize("in_features", [256, 96])  # 96: 64-blocks straddle rows
+def test_bnb_backend_equals_ours(double_quant, in_features):
+    linear = fp16_exact_linear(in_features, 96)
     ours = Linear4bit.from_linear(linear, double_quant=double_quant)
     via_bnb = Linear4bit.from_linear(linear, double_quant=double_quant, backend="bnb")
     for name, buffer in ours.named_buffers():
         assert torch.equal(buffer, getattr(via_bnb, name)), name
     assert torch.equal(ours.dequantized_weight(), via_bnb.dequantized_weight())
+    x = inputs((4, 5, in_features))
+    assert torch.equal(ours(x), via_bnb(x))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
+    linear = fp16_exact_linear(256, 96)
+    x = inputs((4, 5, 256))
+    ours = Linear4bit.from_linear(linear, double_quant=double_quant)
 
     w = ours.dequantized_weight()
     assert w.shape == (96, 256) and w.dtype == torch.float32
@@ -213,6 +223,14 @@ def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
         # (measured max difference 1.2e-7 on outputs of size ~1)
         tolerance = 1e-6
     torch.testing.assert_close(y, y_ref, rtol=0, atol=tolerance)
+
+    # bitsandbytes' fp32 path, on every CPU (tests/bnb_reference.py)
+    reference = bnb.nn.Linear4bit(256, 96, compute_dtype=torch.float32, compress_statistics=double_quant,
+                                  quant_type="nf4")
+    reference.load_state_dict(linear.state_dict())
+    reference = fp32_linear4bit(reference.to("cpu").eval())
+    with torch.no_grad():
+        torch.testing.assert_close(y, reference(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
