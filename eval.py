@@ -23,7 +23,7 @@ from lora import load_adapter, merge_and_unload
 from lora.adapters import AdapterError
 from models import LoadError, Tokenizer, generate, load_model
 from models.loading import DECODERS, read_config, resolve
-from quant.allocator import map_large_allocations
+from quant.allocator import keep_freed_memory, map_large_allocations
 
 
 
@@ -80,8 +80,8 @@ def label_of(entry, merge):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)  # a head the checkpoint lacks is initialised the same way every run
-    if args.quant != "none":
-        map_large_allocations()  # freed activations return to the OS (quant/allocator.py)
+    # with --quant freed activations return to the OS, otherwise they are reused (quant/allocator.py)
+    (keep_freed_memory if args.quant == "none" else map_large_allocations)()
     folder = resolve(args.model)
     cfg = read_config(folder)
     is_decoder = cfg["model_type"] in DECODERS

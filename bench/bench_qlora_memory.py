@@ -4,9 +4,10 @@
 
 Each configuration runs in a fresh subprocess (peak RSS is per process): load the model (quantizing
 while loading for QLoRA), apply LoRA r=8 on q_proj,v_proj, two forward/backward/AdamW steps on a
-causal-LM batch with every token labelled. Each runs under glibc's default allocator and with
-quant.allocator.map_large_allocations() (what train.py --quant uses). Prints peak RSS, the saving
-as a ratio of the weight bytes saved (target >= 0.8) and the time of the second step.
+causal-LM batch with every token labelled. Each runs under the three allocator policies of
+quant/allocator.py: glibc's default, keep_freed_memory() (what train.py uses) and
+map_large_allocations() (what train.py --quant uses). Prints peak RSS, the saving as a ratio of the
+weight bytes saved (target >= 0.8) and the time of the second step.
 """
 import argparse
 import json
@@ -18,9 +19,9 @@ from common import ROOT, model_dir
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from quant.allocator import map_large_allocations
-if {mapped!r}:
-    assert map_large_allocations()
+from quant import allocator
+if {policy!r} != "default":
+    assert getattr(allocator, {policy!r})()
 from models import load_model
 from lora import LoraConfig, apply_lora
 from quant import model_bytes
@@ -56,18 +57,18 @@ def main():
     print("| allocator | base | model bytes (MB) | peak RSS of a step (GB) | RSS saved vs fp32 (GB) "
           "| saved / weight bytes saved | step (s) |")
     print("|---|---|---|---|---|---|---|")
-    for mapped in (False, True):
+    for policy in ("default", "keep_freed_memory", "map_large_allocations"):
         results = {}
         for quant in (None, "nf4", "nf4-dq"):
             code = CHILD.format(root=str(ROOT), folder=str(folder), quant=quant, batch=args.batch, tokens=args.tokens,
-                                mapped=mapped)
+                                policy=policy)
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             results[quant or "fp32"] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results["fp32"]
         for name, r in results.items():
             saved_rss, saved_w = base["peak_rss"] - r["peak_rss"], base["weights"] - r["weights"]
             ratio = f"{saved_rss / saved_w:.2f}" if saved_w else "-"
-            print(f"| {'mmap >= 128 KiB' if mapped else 'glibc default'} | {name} | {r['weights'] / 1e6:.0f} "
+            print(f"| {policy} | {name} | {r['weights'] / 1e6:.0f} "
                   f"| {r['peak_rss'] / 1e9:.2f} | {saved_rss / 1e9:.2f} | {ratio} | {r['step']:.2f} |")
 
 

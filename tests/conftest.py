@@ -2,6 +2,8 @@
 
 * Forces the Hugging Face hub offline (set before huggingface_hub is imported anywhere).
 * Puts the repository root on sys.path so ``import models`` works without installing.
+* Every test: quant.allocator's mallopt calls are recorded in ``allocator_settings`` instead of being
+  made, so train.py / eval.py run in-process leave the test process's allocator alone.
 * Session fixtures:
     tiny          tests.tiny.Checkpoints: ``tiny(family, task) -> (folder, hf_model)``; each
                   tiny random checkpoint is written once per session (see tests/tiny.py).
@@ -30,6 +32,16 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("PEFT_TEST_THREADS", "1")))
 
 PEFT_MODELS_DIR = Path(os.environ.get("PEFT_MODELS_DIR", "~/.cache/peft-models")).expanduser()
+
+
+@pytest.fixture(autouse=True)
+def allocator_settings(monkeypatch):
+    """The (option, value) pairs quant.allocator would pass to mallopt during the test."""
+    from quant import allocator
+
+    settings = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda *pairs: settings.extend(pairs) or True)
+    return settings
 
 
 @pytest.fixture(scope="session")

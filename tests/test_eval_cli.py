@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import eval as eval_cli
 from lora import LoraConfig, apply_lora, save_adapter
+from quant import allocator
 from models import Tokenizer, load_model
 from test_qlora import reference_model
 from test_train import keyword_rows, write_jsonl
@@ -102,15 +103,13 @@ def test_predict_prints_peft_probabilities(setup, capsys):
     torch.testing.assert_close(got, expected, rtol=0, atol=6e-5)  # printed with 4 decimals
 
 
-def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, monkeypatch):
+def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, allocator_settings):
     folder = tiny.folder("llama", "causal-lm")
     texts = ["the movie was wonderful and the plot was okay", "a terrible film", "it is a story of the rain"]
     dataset = write_jsonl(tmp_path / "data", "test", [{"text": t} for t in texts])
-    mapped = []
-    monkeypatch.setattr(eval_cli, "map_large_allocations", lambda: mapped.append(True))  # keep the test process's allocator
     results = run_eval("--model", folder, "--dataset", dataset, "--task", "causal-lm", "--quant", "nf4",
                        "--max-length", 64)
-    assert mapped == [True]
+    assert allocator_settings == [(allocator.M_MMAP_THRESHOLD, 128 * 1024)]  # QLoRA: freed blocks go to the OS
 
     reference = reference_model(folder, "llama", "causal-lm", "nf4")
     tok = load_model(folder, task="causal-lm")[1]

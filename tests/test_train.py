@@ -146,7 +146,9 @@ def test_seq_cls_loss_falls(tiny, tmp_path):
     assert after["accuracy"] >= 0.75
 
 
-def test_causal_lm_loss_falls(tiny, tmp_path):
+def test_causal_lm_loss_falls(tiny, tmp_path, allocator_settings):
+    from quant import allocator
+
     folder = tiny.folder("llama", "causal-lm")
     dataset = pair_dataset(tmp_path / "data")
     out = tmp_path / "out"
@@ -160,6 +162,8 @@ def test_causal_lm_loss_falls(tiny, tmp_path):
     assert results["task"] == "causal-lm"
     assert after["perplexity"] < results["before"]["perplexity"] / 3
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]), rel=1e-9)
+    # without --quant freed memory is kept for reuse (quant/allocator.py)
+    assert allocator_settings == [(allocator.M_MMAP_THRESHOLD, 1 << 30), (allocator.M_TRIM_THRESHOLD, 1 << 30)]
 
 
 def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
