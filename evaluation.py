@@ -18,11 +18,12 @@ from models import generate
 
 
 def next_token_nll(model, batch):
-    """(sum of next-token NLL over labelled positions, their count); logits only where labels exist."""
+    """(sum of next-token NLL over labelled positions, their count), computed by the model from its
+    hidden states at those positions only (no logits elsewhere, none materialised; models/fused.py)."""
     targets = batch["labels"][:, 1:]
     keep = F.pad(targets != -100, (0, 1))  # (B, T): positions whose next token carries a label
-    logits = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep)  # (n, vocab)
-    return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum"), int(keep.sum())
+    nll = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep, targets=targets[keep[:, :-1]])
+    return nll, int(keep.sum())
 
 
 def batches(examples, batch_size, pad_id, side="right", desc=None):

@@ -12,6 +12,7 @@ import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 from common import ROOT, model_dir
@@ -40,9 +41,10 @@ class HFLogits(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, logits_mask=None):
+    def forward(self, input_ids, attention_mask, logits_mask=None, targets=None):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits if logits_mask is None else logits[logits_mask]
+        logits = logits if logits_mask is None else logits[logits_mask]
+        return logits if targets is None else F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def main():

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fused import Dropout
+
 
 class DoRAMagnitude(nn.Module):
     """Holds DoRA's magnitude m as `weight`, the module layout peft's state dicts expect."""
@@ -121,7 +123,7 @@ class LoRALinear(nn.Module):
         else:
             nn.init.normal_(self.lora_A[name].weight, std=1 / rank)
         nn.init.zeros_(self.lora_B[name].weight)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.lora_alpha[name] = rank, alpha
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         if use_dora:
@@ -164,19 +166,23 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if self.disabled and self.merged:
             self.unmerge()
-        result = self.base_layer(x)  # (..., out)
         if self.disabled or self.merged:
-            return result
+            return self.base_layer(x)
+        shape = (*x.shape[:-1], self.out_features)
+        # in 2-D, so the base output is a tensor of its own, not a view: adding the adapter into a
+        # view in place would make autograd copy the whole output back in backward (CopySlices)
+        x = x.reshape(-1, self.in_features)  # (N, in)
+        result = self.base_layer(x)  # (N, out)
         for name in self.active_adapters:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             scale, dropout = self.scaling[name], self.lora_dropout[name]
             use_dropout = self.training and isinstance(dropout, nn.Dropout)
             x_lora = dropout(x) if use_dropout else x
-            h = F.linear(x_lora, A)  # (..., rank)
+            h = F.linear(x_lora, A)  # (N, rank)
             if name not in self.lora_magnitude_vector:
                 # result += scale * h @ B^T as one fused in-place GEMM; linear's backward never needs
                 # its own output, so modifying it in place is safe for autograd.
-                result.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]).to(result.dtype), B.t().to(result.dtype), alpha=scale)
+                result.addmm_(h.to(result.dtype), B.t().to(result.dtype), alpha=scale)
                 continue
             weight = self._base_weight()  # (out, in)
             with torch.no_grad():  # the norm is a constant for backprop (DoRA section 4.3)
@@ -188,7 +194,7 @@ class LoRALinear(nn.Module):
                 bias = self.base_layer.bias
                 base_no_bias = result if bias is None else result - bias
             result = result + (f - 1) * base_no_bias + f * scale * F.linear(h, B)
-        return result
+        return result.view(shape)
 
     # ---- merging ---------------------------------------------------------------------------------
 

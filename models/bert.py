@@ -12,14 +12,19 @@ import torch
 import torch.nn as nn
 
 from .common import activation, check_length, padding_mask, sdpa
+from .fused import Dropout
 
 
-def encoder_self_attention(x, query, key, value, n_head, mask, dropout_p):
-    """Multi-head self-attention of an encoder, before the output projection."""
+def encoder_self_attention(x, query, key, value, n_head, mask, dropout_p, queries=None):
+    """Multi-head self-attention of an encoder, before the output projection: (B, Tq, C).
+
+    queries: the rows of x that ask (default all of x); keys and values always come from all of x.
+    """
+    queries = x if queries is None else queries
     B, T, C = x.shape
-    q, k, v = (proj(x).view(B, T, n_head, C // n_head).transpose(1, 2) for proj in (query, key, value))  # (B, nh, T, hs)
-    y = sdpa(q, k, v, mask, causal=False, dropout_p=dropout_p)
-    return y.transpose(1, 2).reshape(B, T, C)
+    heads = lambda t: t.view(B, t.shape[1], n_head, C // n_head).transpose(1, 2)  # noqa: E731  (B, nh, T, hs)
+    y = sdpa(heads(query(queries)), heads(key(x)), heads(value(x)), mask, causal=False, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(B, queries.shape[1], C)
 
 
 class BertLayer(nn.Module):
@@ -35,13 +40,15 @@ class BertLayer(nn.Module):
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, cfg["intermediate_size"])})
         self.output = nn.ModuleDict({"dense": nn.Linear(cfg["intermediate_size"], C), "LayerNorm": nn.LayerNorm(C, eps=eps)})
         self.act = activation(cfg.get("hidden_act", "gelu"))
-        self.dropout = nn.Dropout(cfg.get("hidden_dropout_prob", 0.0))
+        self.dropout = Dropout(cfg.get("hidden_dropout_prob", 0.0))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, first_token_only=False):
+        """(B, T, C) -> (B, T, C), or (B, 1, C) for the [CLS] row alone (all rows are still attended to)."""
         sa, out = self.attention.self, self.attention.output
+        queries = x[:, :1] if first_token_only else x
         y = encoder_self_attention(x, sa.query, sa.key, sa.value, self.n_head, mask,
-                                   self.attn_dropout if self.training else 0.0)
-        x = out.LayerNorm(x + self.dropout(out.dense(y)))
+                                   self.attn_dropout if self.training else 0.0, queries)
+        x = out.LayerNorm(queries + self.dropout(out.dense(y)))
         y = self.output.dense(self.act(self.intermediate.dense(x)))
         return self.output.LayerNorm(x + self.dropout(y))
 
@@ -68,15 +75,17 @@ class BertModel(nn.Module):
             "token_type_embeddings": nn.Embedding(cfg.get("type_vocab_size", 2), C),
             "LayerNorm": nn.LayerNorm(C, eps=cfg.get("layer_norm_eps", 1e-12)),
         })
-        self.emb_dropout = nn.Dropout(cfg.get("hidden_dropout_prob", 0.0))
+        self.emb_dropout = Dropout(cfg.get("hidden_dropout_prob", 0.0))
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(cfg) for _ in range(cfg["num_hidden_layers"]))})
         self.pooler = BertPooler(C) if add_pooler else None
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
-        """Returns the last hidden state (B, T, C)."""
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
+                first_token_only=False):
+        """Returns the last hidden state (B, T, C), or only its [CLS] row (B, 1, C) with first_token_only:
+        the last layer then computes one query per sequence, which is all a [CLS] classifier reads."""
         emb = self.embeddings
         x = emb.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.shape[1]
@@ -88,8 +97,9 @@ class BertModel(nn.Module):
             x = x + emb.token_type_embeddings(token_type_ids)
         x = self.emb_dropout(emb.LayerNorm(x))
         mask = padding_mask(attention_mask)
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, mask, first_token_only and i == last)
         return x
 
 
@@ -101,11 +111,11 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, cfg, num_labels):
         super().__init__()
         self.bert = BertModel(cfg)
-        self.dropout = nn.Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
+        self.dropout = Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
         self.classifier = nn.Linear(cfg["hidden_size"], num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)  # (B, T, C)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds, first_token_only=True)  # (B, 1, C)
         return self.classifier(self.dropout(self.bert.pooler(hidden)))  # (B, num_labels)
 
 

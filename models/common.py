@@ -6,6 +6,8 @@ True means "this query may look at this key".
 import torch
 import torch.nn.functional as F
 
+from .fused import attention_with_dropout, lm_loss
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact erf form (BERT, DistilBERT)
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
@@ -81,7 +83,14 @@ def decoder_positions_and_mask(attention_mask, T, past):
 
 
 def sdpa(q, k, v, mask, causal, dropout_p=0.0):
-    """Scaled dot-product attention: softmax(q kᵀ / sqrt(hs) + mask) v, with grouped KV heads allowed."""
+    """Scaled dot-product attention: softmax(q kᵀ / sqrt(hs) + mask) v, with grouped KV heads allowed.
+
+    With dropout on the attention probabilities (training) the probabilities must exist, so that
+    case is written out (fused.attention_with_dropout); SDPA's own would take the same path with
+    torch's slower dropout mask.
+    """
+    if dropout_p > 0.0:
+        return attention_with_dropout(q, k, v, mask, causal and mask is None, dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -120,10 +129,17 @@ def pool_last_token(hidden, index):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
-def lm_logits(lm_head, hidden, logits_mask=None):
-    """Logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits, (n, vocab).
+def lm_output(lm_head, hidden, logits_mask=None, targets=None):
+    """What a causal LM's forward returns from its last hidden state (B, T, C):
+    the logits (B, T, vocab); with a boolean logits_mask (B, T) only those positions' logits (n, vocab);
+    with targets (n,) as well, the summed next-token NLL of those positions instead of their logits.
 
     Training needs logits only where there are labels: a full (B, T, vocab) fp32 tensor is the
-    largest activation of a small LM, so skipping the rest saves memory and time.
+    largest activation of a small LM, and the loss from the hidden states never materialises even
+    that part (fused.lm_loss).
     """
-    return lm_head(hidden if logits_mask is None else hidden[logits_mask])
+    if logits_mask is not None:
+        hidden = hidden[logits_mask]  # (n, C)
+    if targets is not None:
+        return lm_loss(lm_head, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+    return lm_head(hidden)

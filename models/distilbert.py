@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .bert import encoder_self_attention
 from .common import activation, check_length, padding_mask
+from .fused import Dropout
 
 
 class TransformerBlock(nn.Module):
@@ -22,13 +23,15 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.ModuleDict({"lin1": nn.Linear(C, cfg["hidden_dim"]), "lin2": nn.Linear(cfg["hidden_dim"], C)})
         self.output_layer_norm = nn.LayerNorm(C, eps=1e-12)
         self.act = activation(cfg.get("activation", "gelu"))
-        self.dropout = nn.Dropout(cfg.get("dropout", 0.0))
+        self.dropout = Dropout(cfg.get("dropout", 0.0))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, first_token_only=False):
+        """(B, T, C) -> (B, T, C), or (B, 1, C) for the [CLS] row alone (all rows are still attended to)."""
         a = self.attention
+        queries = x[:, :1] if first_token_only else x
         y = encoder_self_attention(x, a.q_lin, a.k_lin, a.v_lin, self.n_head, mask,
-                                   self.attn_dropout if self.training else 0.0)
-        x = self.sa_layer_norm(x + self.dropout(a.out_lin(y)))
+                                   self.attn_dropout if self.training else 0.0, queries)
+        x = self.sa_layer_norm(queries + self.dropout(a.out_lin(y)))
         y = self.ffn.lin2(self.act(self.ffn.lin1(x)))
         return self.output_layer_norm(x + self.dropout(y))
 
@@ -45,22 +48,24 @@ class DistilBertModel(nn.Module):
             "position_embeddings": nn.Embedding(self.max_positions, C),  # sinusoidal or learned: stored either way
             "LayerNorm": nn.LayerNorm(C, eps=1e-12),
         })
-        self.emb_dropout = nn.Dropout(cfg.get("dropout", 0.0))
+        self.emb_dropout = Dropout(cfg.get("dropout", 0.0))
         self.transformer = nn.ModuleDict({"layer": nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))})
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        """Returns the last hidden state (B, T, C)."""
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, first_token_only=False):
+        """Returns the last hidden state (B, T, C), or only its [CLS] row (B, 1, C) with first_token_only
+        (the last layer then computes one query per sequence)."""
         emb = self.embeddings
         x = emb.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.shape[1]
         check_length(T, self.max_positions)
         x = self.emb_dropout(emb.LayerNorm(x + emb.position_embeddings.weight[:T]))
         mask = padding_mask(attention_mask)
-        for layer in self.transformer.layer:
-            x = layer(x, mask)
+        last = len(self.transformer.layer) - 1
+        for i, layer in enumerate(self.transformer.layer):
+            x = layer(x, mask, first_token_only and i == last)
         return x
 
 
@@ -72,10 +77,10 @@ class DistilBertForSequenceClassification(nn.Module):
         self.distilbert = DistilBertModel(cfg)
         self.pre_classifier = nn.Linear(cfg["dim"], cfg["dim"])
         self.classifier = nn.Linear(cfg["dim"], num_labels)
-        self.dropout = nn.Dropout(cfg.get("seq_classif_dropout", 0.0))
+        self.dropout = Dropout(cfg.get("seq_classif_dropout", 0.0))
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        hidden = self.distilbert(input_ids, attention_mask, inputs_embeds)[:, 0]  # (B, C), the [CLS] token
+        hidden = self.distilbert(input_ids, attention_mask, inputs_embeds, first_token_only=True)[:, 0]  # (B, C), [CLS]
         return self.classifier(self.dropout(F.relu(self.pre_classifier(hidden))))  # (B, num_labels)
 
 

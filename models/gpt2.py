@@ -10,8 +10,9 @@ LoRA and quantization handle that layout (peft calls it fan_in_fan_out).
 import torch
 import torch.nn as nn
 
-from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_logits,
+from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_output,
                      pool_last_token, sdpa)
+from .fused import Dropout
 
 
 class Conv1D(nn.Module):
@@ -25,7 +26,7 @@ class Conv1D(nn.Module):
 
     def forward(self, x):
         y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)  # 2-D in: not a view (LoRA adds in place)
 
 
 class Block(nn.Module):
@@ -41,7 +42,7 @@ class Block(nn.Module):
         inner = cfg.get("n_inner") or 4 * C
         self.mlp = nn.ModuleDict({"c_fc": Conv1D(C, inner), "c_proj": Conv1D(inner, C)})
         self.act = activation(cfg.get("activation_function", "gelu_new"))
-        self.dropout = nn.Dropout(cfg.get("resid_pdrop", 0.0))
+        self.dropout = Dropout(cfg.get("resid_pdrop", 0.0))
 
     def forward(self, x, mask, cache):
         B, T, C = x.shape
@@ -63,7 +64,7 @@ class GPT2Model(nn.Module):
         self.max_positions = cfg["n_positions"]
         self.wte = nn.Embedding(cfg["vocab_size"], C)
         self.wpe = nn.Embedding(self.max_positions, C)
-        self.drop = nn.Dropout(cfg.get("embd_pdrop", 0.0))
+        self.drop = Dropout(cfg.get("embd_pdrop", 0.0))
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg["n_layer"]))
         self.ln_f = nn.LayerNorm(C, eps=cfg.get("layer_norm_epsilon", 1e-5))
 
@@ -95,9 +96,9 @@ class GPT2LMHeadModel(nn.Module):
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", True)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                logits_mask=None):
+                logits_mask=None, targets=None):
         hidden = self.transformer(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, C)
-        return lm_logits(self.lm_head, hidden, logits_mask)
+        return lm_output(self.lm_head, hidden, logits_mask, targets)
 
 
 class GPT2ForSequenceClassification(nn.Module):

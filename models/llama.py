@@ -14,8 +14,9 @@ Qwen2 differs from Llama only in its q/k/v biases (and o_proj without one); Smol
 import torch
 import torch.nn as nn
 
-from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_logits,
+from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_output,
                      pool_last_token, sdpa)
+from .fused import rms_norm, rope
 
 
 class RMSNorm(nn.Module):
@@ -25,14 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()  # the mean of squares in fp32, as the reference does for bf16/fp16 models
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return rms_norm(x, self.weight, self.eps)  # statistics in fp32, as the reference for bf16/fp16 models
 
 
 class Attention(nn.Module):
@@ -53,7 +47,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.hs).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
         y = sdpa(q, k, v, mask, k.shape[2] == T, self.attn_dropout if self.training else 0.0)
@@ -143,9 +137,9 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                logits_mask=None):
+                logits_mask=None, targets=None):
         hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, C)
-        return lm_logits(self.lm_head, hidden, logits_mask)
+        return lm_output(self.lm_head, hidden, logits_mask, targets)
 
 
 class LlamaForSequenceClassification(nn.Module):

@@ -211,7 +211,7 @@ class Linear8bit(_QuantizedLinear):
             y = _bnb_int8_linear(x_2d, self.weight_int8, self.weight_absmax, self.threshold)
         else:
             y = int8_linear(x_2d, self.weight_int8, self.weight_absmax, threshold=self.threshold)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

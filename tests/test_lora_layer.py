@@ -94,16 +94,24 @@ def test_forward_and_grads_match_peft(kind, bias, variant):
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_dropout_in_training_matches_peft(kind, variant):
-    # Both draw the dropout mask with one dropout(x) call after base(x), so equal seeds give equal masks.
+    # Our mask generator is not torch's (models/fused.py, tested in test_fused.py), so both sides get
+    # one fixed mask: what is compared is where dropout acts (on the adapter branch's input only).
     ours, ref = make_pair(kind, True, variant, dropout=0.3)
     randomize(ours, ref)
-    ours.train(), ref.train()
     x = x_input()
-    torch.manual_seed(5)
-    y_ours = ours(x)
-    torch.manual_seed(5)
-    y_ref = ref(x)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) >= 0.3
+
+    class FixedMask(nn.Dropout):
+        def forward(self, t):
+            return t * mask.reshape(t.shape) / (1 - self.p) if self.training else t
+
+    ours.lora_dropout["default"] = FixedMask(0.3)
+    ref.lora_dropout["default"] = FixedMask(0.3)
+    ours.train(), ref.train()
+    y_ours, y_ref = ours(x), ref(x)
     torch.testing.assert_close(y_ours, y_ref, atol=1e-5, rtol=0)
+    ours.eval(), ref.eval()
+    assert (y_ours - ours(x)).abs().max() > 1e-3  # the mask changed the output
     ours.eval(), ref.eval()  # eval: dropout off
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
 

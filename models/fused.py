@@ -1,0 +1,224 @@
+"""Training hot spots with hand-written backward passes: the same math as the composite PyTorch
+expressions, in fewer passes over memory and without their largest temporaries.
+
+Autograd differentiates a composite expression op by op, keeping every intermediate and running
+one backward kernel per op. For the few expressions that dominate a LoRA step besides the matrix
+products, the derivative written out by hand needs far fewer passes.
+
+RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467)
+--------------------------------------------------
+    y = w · x̂,  x̂ = x · r,  r = (mean(x²) + eps)^(-1/2)                   (per row of C values)
+    dL/dx = r · (g' - x̂ · mean(g' · x̂)),  g' = w · dL/dy                  dL/dw = Σ_rows dL/dy · x̂
+The forward is computed exactly as transformers does (fp32 statistics), so logits are unchanged.
+
+Rotary position embedding (Su et al. 2021, arXiv:2104.09864), transformers' half-split layout
+-------------------------------------------------------------------------------------------
+    y = x · cos + rotate_half(x) · sin,  rotate_half([x1, x2]) = [-x2, x1]
+    dL/dx = g · cos + rotate_halfᵀ(g · sin),  rotate_halfᵀ([g1, g2]) = [g2, -g1]
+(cos and sin repeat their first half, so both halves use the same angles.)
+
+Linear + cross-entropy, chunked (the idea of Liger Kernel, Hsu et al. 2024, arXiv:2410.10989)
+-----------------------------------------------------------------------------------------
+    z = h Wᵀ + b,  loss = Σ_i (logsumexp(z_i) - z_i[t_i]),  dloss/dz_i = softmax(z_i) - onehot(t_i)
+The (n, vocab) logits are the largest activation of a small LM (201 MB for 1024 tokens of
+SmolLM2) and autograd writes several tensors of that size. Here the rows go through in chunks; each
+chunk's logits become its gradient in place, dloss/dh = (dloss/dz) W (and dloss/dW = (dloss/dz)ᵀ h
+when W trains) is accumulated right away, and backward only scales it by the incoming gradient.
+No logits tensor outlives its chunk, and the product that recomputing them would cost is avoided.
+
+Dropout from 16-bit random lanes (Srivastava et al. 2014)
+----------------------------------------------------------
+    y = x · m / (1 - p),  m_j ~ Bernoulli(1 - p)
+torch's CPU Bernoulli sampler costs ~10 ns per element (a quarter of a MiniLM training step). Here
+one 64-bit draw of torch's generator gives four 16-bit lanes u, and m = (u >= round(p · 65536)):
+p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), the draws are 4x fewer, and the
+generator is torch's, so seeding and checkpointed RNG state work as before.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.float()
+        grad_normed = (grad_y * weight).float()  # g' = dL/dx̂
+        # r · (g' - x̂ · mean(g' · x̂)) = g' · r - x · (r³ · mean(g' · x))
+        coef = torch.linalg.vecdot(grad_normed, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+        grad_x = torch.addcmul(grad_normed * rstd, x32, coef, value=-1).to(x.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_y * (x32 * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x, weight, eps):
+    """weight · x / sqrt(mean(x²) + eps) over the last dimension, statistics in fp32."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# ---- rotary position embedding ------------------------------------------------------------------
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        half = x.shape[-1] // 2
+        y = x * cos
+        y[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)  # x1·cos - x2·sin
+        y[..., half:].addcmul_(x[..., :half], sin[..., half:])  # x2·cos + x1·sin
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        cos, sin = ctx.saved_tensors
+        half = grad_y.shape[-1] // 2
+        grad_x = grad_y * cos
+        grad_x[..., :half].addcmul_(grad_y[..., half:], sin[..., half:])
+        grad_x[..., half:].addcmul_(grad_y[..., :half], sin[..., :half], value=-1)
+        return grad_x, None, None
+
+
+def rope(x, cos, sin):
+    """x · cos + rotate_half(x) · sin; cos, sin broadcast against x (..., T, hs) and are constants."""
+    return _Rope.apply(x, cos, sin)
+
+
+# ---- linear + cross-entropy ---------------------------------------------------------------------
+
+# Rows of logits per chunk: 256 x a 49152-token vocabulary is 50 MB, within this CPU's L3 cache;
+# fewer rows re-read W more often (W is read twice per chunk), more make the chunk spill to memory.
+CROSS_ENTROPY_ROWS = 256
+
+
+def _chunk_loss_(logits, targets):
+    """Sum of -log softmax(logits)[targets]; turns `logits` (m, V) into softmax(logits) in place."""
+    target_logits = logits.gather(1, targets[:, None])  # (m, 1)
+    row_max = logits.amax(1, keepdim=True)  # (m, 1)
+    sums = logits.sub_(row_max).exp_().sum(1, keepdim=True)  # logits now hold exp(z - max)
+    loss = (sums.log() + row_max - target_logits).sum()
+    logits.div_(sums)
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, V = hidden.shape[0], weight.shape[0]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        buffer = hidden.new_empty(min(CROSS_ENTROPY_ROWS, n), V, dtype=torch.float32)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, CROSS_ENTROPY_ROWS):
+            h = hidden[start:start + CROSS_ENTROPY_ROWS]  # (m, C)
+            t = targets[start:start + CROSS_ENTROPY_ROWS]
+            logits = buffer[: h.shape[0]]  # (m, V)
+            if hidden.dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+                if bias is not None:
+                    logits.add_(bias)
+            else:
+                logits.copy_(F.linear(h, weight, bias))
+            total += _chunk_loss_(logits, t)
+            if not (need_h or need_w or need_b):
+                continue
+            logits[torch.arange(len(t), device=t.device), t] -= 1  # softmax - onehot = dloss/dz
+            grad_z = logits if hidden.dtype == torch.float32 else logits.to(hidden.dtype)
+            if need_h:
+                torch.mm(grad_z, weight, out=grad_h[start:start + CROSS_ENTROPY_ROWS])
+            if need_w:
+                grad_w.addmm_(grad_z.t(), h)
+            if need_b:
+                grad_b += grad_z.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total if need else None for need in ctx.needs]
+        return (*grads, None)
+
+
+def linear_cross_entropy(hidden, weight, bias, targets):
+    """Σ_i -log softmax(hidden_i Wᵀ + b)[targets_i] without materialising the (n, vocab) logits.
+
+    hidden (n, C), weight (V, C), bias (V,) or None, targets (n,) int64; the logits are fp32.
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+
+
+def lm_loss(lm_head, hidden, targets):
+    """Summed next-token NLL of `hidden` (n, C) through `lm_head` (fused when it is a plain nn.Linear)."""
+    if type(lm_head) is nn.Linear:
+        return linear_cross_entropy(hidden, lm_head.weight, lm_head.bias, targets)
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")  # an adapter or trained copy
+
+
+# ---- dropout ------------------------------------------------------------------------------------
+
+def keep_mask(shape, p, device=None):
+    """Boolean mask, each entry True with probability 1 - round(p · 65536) / 65536."""
+    n = math.prod(shape)
+    lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # 64 random bits
+    return (lanes.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)  # int16 lanes are uniform
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        scale = torch.where(keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p), 0.0).to(x.dtype)  # m / (1 - p)
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (scale,) = ctx.saved_tensors
+        return grad_y * scale, None
+
+
+def dropout(x, p, training=True):
+    """F.dropout with the mask drawn from 16-bit random lanes (see the module docstring)."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    return _Dropout.apply(x, p)
+
+
+def attention_with_dropout(q, k, v, mask, causal, p):
+    """dropout(softmax(q kᵀ / sqrt(hs) + mask)) v for q (B, nh, Tq, hs), k, v (B, n_kv, Tk, hs).
+
+    mask: boolean, broadcast against (B, nh, Tq, Tk), True = may attend; causal: lower-triangular.
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves n_head / n_kv heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_(scores.shape[-1] - scores.shape[-2])
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return dropout(scores.softmax(-1), p) @ v
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same module, same p) whose mask comes from `dropout` above."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)

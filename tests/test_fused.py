@@ -1,0 +1,192 @@
+"""models/fused.py against the composite PyTorch expressions it replaces (autograd's gradients of
+the textbook formula are the reference), and the dropout mask against its distribution."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import fused
+
+
+def grads(fn, *tensors, seed=0):
+    """fn(*tensors) and the gradients of <fn(...), g> for a fixed random g."""
+    tensors = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*tensors)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in tensors if t.requires_grad]
+
+
+def close(ours, ref, tol):
+    torch.testing.assert_close(ours, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=0)
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------
+
+def rms_norm_reference(x, weight, eps):  # transformers' LlamaRMSNorm
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_forward_and_backward(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 48, generator=g) * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(48, generator=g)).to(dtype)
+    ours, ours_grads = grads(lambda x, w: fused.rms_norm(x, w, 1e-5), x, weight)
+    ref, ref_grads = grads(lambda x, w: rms_norm_reference(x, w, 1e-5), x, weight)
+    assert torch.equal(ours, ref)  # the forward is the reference's arithmetic, op for op
+    for a, b in zip(ours_grads, ref_grads):
+        assert a.dtype == b.dtype
+        close(a.float(), b.float(), tol)
+
+
+def test_rms_norm_frozen_weight_gets_no_gradient():
+    x = torch.randn(4, 16, requires_grad=True)
+    weight = torch.ones(16)
+    fused.rms_norm(x, weight, 1e-6).sum().backward()
+    assert x.grad is not None and weight.grad is None
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------
+
+def rope_reference(x, cos, sin):  # transformers' apply_rotary_pos_emb for one tensor
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def test_rope_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    B, nh, T, hs = 2, 3, 5, 8
+    x = torch.randn(B, T, nh, hs, generator=g).transpose(1, 2)  # (B, nh, T, hs), strided as in attention
+    angles = torch.randn(B, 1, T, hs // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    ours, (ours_grad,) = grads(lambda x: fused.rope(x, cos, sin), x)
+    ref, (ref_grad,) = grads(lambda x: rope_reference(x, cos, sin), x)
+    close(ours, ref, 1e-6)
+    close(ours_grad, ref_grad, 1e-6)
+
+
+# ---- linear + cross-entropy ---------------------------------------------------------------------
+
+def lce_case(n=37, C=24, V=101, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, C, generator=g).to(dtype)
+    weight = (torch.randn(V, C, generator=g) * 0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    targets = torch.randint(0, V, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+def lce_reference(hidden, weight, bias, targets):
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("rows", [5, 256])  # several chunks with a partial last one; one chunk
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_cross_entropy_equals_reference(monkeypatch, rows, bias):
+    monkeypatch.setattr(fused, "CROSS_ENTROPY_ROWS", rows)
+    hidden, weight, b, targets = lce_case(bias=bias)
+    tensors = [hidden, weight] + ([b] if bias else [])
+    run = lambda fn: (lambda h, w, *bb: fn(h, w, bb[0] if bb else None, targets))  # noqa: E731
+    ours, ours_grads = grads(run(fused.linear_cross_entropy), *tensors)
+    ref, ref_grads = grads(run(lce_reference), *tensors)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert len(ours_grads) == len(ref_grads) == len(tensors)
+    for a, r in zip(ours_grads, ref_grads):
+        close(a, r, 1e-6)
+
+
+def test_linear_cross_entropy_bfloat16_and_frozen_head(monkeypatch):
+    monkeypatch.setattr(fused, "CROSS_ENTROPY_ROWS", 8)
+    hidden, weight, b, targets = lce_case(dtype=torch.bfloat16)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    ours = fused.linear_cross_entropy(h1, weight, b, targets)  # weight and bias frozen (LoRA)
+    ref = lce_reference(h2, weight, b, targets)
+    (ours * 0.5).backward()
+    (ref * 0.5).backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=0)
+    assert h1.grad.dtype == torch.bfloat16
+    close(h1.grad.float(), h2.grad.float(), 1e-2)
+
+
+def test_linear_cross_entropy_without_grad_and_lm_loss_fallback():
+    hidden, weight, b, targets = lce_case()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.linear_cross_entropy(hidden, weight, b, targets),
+                                   lce_reference(hidden, weight, b, targets), rtol=1e-6, atol=0)
+    head = nn.Linear(24, 101)
+    wrapped = nn.Sequential(head)  # not a plain nn.Linear (an adapter, say): the unfused path
+    fused_loss = fused.lm_loss(head, hidden, targets)
+    plain_loss = fused.lm_loss(wrapped, hidden, targets)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(plain_loss, lce_reference(hidden, head.weight, head.bias, targets), rtol=1e-6, atol=0)
+
+
+# ---- dropout ------------------------------------------------------------------------------------
+
+def test_keep_mask_distribution():
+    torch.manual_seed(0)
+    p, n = 0.1, 1 << 20
+    keep = fused.keep_mask((n,), p)
+    p_rounded = round(p * 65536) / 65536
+    sigma = math.sqrt(p_rounded * (1 - p_rounded) / n)
+    assert abs((~keep).float().mean().item() - p_rounded) < 5 * sigma
+    for lane in range(4):  # each 16-bit lane of the 64-bit draws is uniform on its own
+        assert abs((~keep[lane::4]).float().mean().item() - p_rounded) < 5 * 2 * sigma
+    # neighbouring elements are independent: P(both dropped) = p²
+    both = (~keep[:-1] & ~keep[1:]).float().mean().item()
+    assert abs(both - p_rounded**2) < 5 * math.sqrt(p_rounded**2 / n)
+    assert fused.keep_mask((4, 5), 0.0).all()
+
+
+def test_dropout_scales_kept_values_and_backward_uses_the_same_mask():
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    p = 0.3
+    torch.manual_seed(1)
+    y = fused.dropout(x, p, training=True)
+    kept = y != 0
+    assert 0.2 < 1 - kept.float().mean().item() < 0.4
+    assert torch.equal(y[kept], x.detach()[kept] * (1.0 / (1 - p)))
+    g = torch.randn(64, 33)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, g * (1.0 / (1 - p)), 0.0))
+    torch.manual_seed(1)
+    assert torch.equal(fused.dropout(x, p, training=True), y)  # torch's generator: seeds reproduce it
+    assert fused.dropout(x, p, training=False) is x
+    assert torch.equal(fused.Dropout(p).eval()(x), x)
+    assert isinstance(fused.Dropout(p), nn.Dropout)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("masking", ["none", "padding", "causal"])
+def test_attention_with_dropout(gqa, masking):
+    g = torch.Generator().manual_seed(2)
+    B, nh, T, hs = 2, 4, 6, 8
+    q = torch.randn(B, nh, T, hs, generator=g)
+    k, v = (torch.randn(B, 2 if gqa else nh, T, hs, generator=g) for _ in range(2))
+    mask = None
+    if masking == "padding":
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        mask[1, ..., -2:] = False
+    causal = masking == "causal"
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    # p so small it rounds to 0 / 65536: nothing is dropped, so this is plain attention
+    close(fused.attention_with_dropout(q, k, v, mask, causal, 1e-9), reference, 1e-6)
+
+    # with dropout: the probabilities times the mask drawn from the same generator state
+    p = 0.25
+    torch.manual_seed(3)
+    keep = fused.keep_mask((B, nh, T, T), p)
+    torch.manual_seed(3)
+    ours = fused.attention_with_dropout(q, k, v, mask, causal, p)
+    if gqa:
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() if causal else mask
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    close(ours, (scores.softmax(-1) * keep / (1 - p)) @ v, 1e-6)
