@@ -2,10 +2,15 @@
 
     python bench/bench_lora.py [--repeats 10] [--rank 8]
 
-1. Training step (forward + backward + AdamW, LoRA r on the default targets), against two yardsticks:
-   peft on transformers (ours / peft time; its inverse is the throughput ratio) and the floor for
-   LoRA training, 2x the no-grad forward of the frozen base (the backward through frozen layers
-   costs about one more forward): step / floor (target <= 1.15).
+1. Training step (forward, each side's own training loss, backward, AdamW; LoRA r on the default
+   targets), against two yardsticks: peft on transformers (its inverse time is the throughput
+   ratio) and the floor for LoRA training, 2x the no-grad forward of the frozen base (the backward
+   through frozen layers costs about one more forward): step / floor (target <= 1.15). The loss is
+   what train.py computes (cross-entropy of the classifier; for the LM the summed next-token NLL of
+   every position, models/fused.py) and, for peft, transformers' loss from `labels=`. Models with
+   dropout in their config also get a row with the base model's dropout off, which is what the
+   eval-mode floor leaves out. The process runs under quant.allocator.keep_freed_memory(), as
+   train.py does without --quant; both sides share it.
 2. Inference latency of the base model, unmerged LoRA and merged LoRA, for ours and peft:
    overhead = unmerged / base - 1 (target: <= 5 % for ours), merged / base (target: 1.00 within noise).
 """
@@ -13,11 +18,14 @@ import argparse
 
 import peft
 import torch
+import torch.nn.functional as F
 import transformers
 
 from common import interleaved, model_dir
+from evaluation import next_token_nll
 from lora import LoraConfig, apply_lora, merge_adapter
 from models import load_model
+from quant.allocator import keep_freed_memory
 
 CASES = [  # (name, our task, transformers class, peft task, targets, batch, tokens)
     ("minilm-l6", "seq-cls", transformers.AutoModelForSequenceClassification, "SEQ_CLS", ["query", "value"], 32, 64),
@@ -38,6 +46,7 @@ def main():
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
+    keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={args.rank}")
     for name, task, auto, peft_task, targets, B, T in CASES:
         folder = model_dir(name)
@@ -60,10 +69,17 @@ def main():
         optimizers = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
                       for m in (ours, theirs)}
 
-        def step(model, call):
-            model.train()
-            out = call(model)
-            out.float().square().mean().backward()
+        labels = torch.randint(0, 2, (B,)) if task == "seq-cls" else ids
+
+        def our_loss(model):
+            if task == "seq-cls":
+                return F.cross_entropy(model(ids, mask), labels)
+            nll, n = next_token_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            return nll / n
+
+        def step(model, loss, train=True):
+            model.train(train)
+            loss(model).backward()
             optimizers[id(model)].step()
             model.zero_grad(set_to_none=True)
 
@@ -71,16 +87,21 @@ def main():
             with torch.no_grad():
                 call(model.eval())
 
-        t = interleaved({
-            "ours": lambda: step(ours, lambda m: m(ids, mask)),
-            "peft": lambda: step(theirs, lambda m: m(input_ids=ids, attention_mask=mask).logits),
+        fns = {
+            "ours": lambda: step(ours, our_loss),
+            "peft": lambda: step(theirs, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss),
             "floor": lambda: floor(base, lambda m: m(ids, mask)),
             "peft_floor": lambda: floor(hf_base, lambda m: m(input_ids=ids, attention_mask=mask)),
-        }, repeats=args.repeats)
-        print(f"\n{name} {B}x{T}, training step (forward, backward, AdamW):")
+        }
+        has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())
+        if has_dropout:  # eval mode switches every dropout off; gradients flow as in training
+            fns["ours, base dropout off"] = lambda: step(ours, our_loss, train=False)
+        t = interleaved(fns, repeats=args.repeats)
+        print(f"\n{name} {B}x{T}, training step (forward, loss, backward, AdamW):")
         print("| | step (ms) | no-grad forward of the base (ms) | step / (2 x forward) | throughput / peft's |")
         print("|---|---|---|---|---|")
-        for key, fwd in (("ours", "floor"), ("peft", "peft_floor")):
+        rows = [("ours", "floor"), ("peft", "peft_floor")] + [("ours, base dropout off", "floor")] * has_dropout
+        for key, fwd in rows:
             print(f"| {key} | {t[key] * 1e3:.0f} | {t[fwd] * 1e3:.0f} | {t[key] / (2 * t[fwd]):.2f} "
                   f"| {t['peft'] / t[key]:.2f} |")
 

@@ -22,7 +22,10 @@ def encoder_self_attention(x, query, key, value, n_head, mask, dropout_p, querie
     """
     queries = x if queries is None else queries
     B, T, C = x.shape
-    heads = lambda t: t.view(B, t.shape[1], n_head, C // n_head).transpose(1, 2)  # noqa: E731  (B, nh, T, hs)
+
+    def heads(t):  # (B, T, C) -> (B, nh, T, hs)
+        return t.view(B, t.shape[1], n_head, C // n_head).transpose(1, 2)
+
     y = sdpa(heads(query(queries)), heads(key(x)), heads(value(x)), mask, causal=False, dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(B, queries.shape[1], C)
 

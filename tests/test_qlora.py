@@ -543,26 +543,28 @@ def rss():
 policy = {"mapped": map_large_allocations, "kept": keep_freed_memory}.get(sys.argv[1])
 if policy is not None and not policy():
     print("unavailable"); sys.exit()
+big_released, quiet = 0, 0
+for cycle in range(12):  # as in a training step: the same large tensors allocated and freed over and over
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # above glibc's largest dynamic threshold (32 MiB)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    before = rss()
+    del big
+    big_released = max(big_released, before - rss())
+    quiet += cycle >= 2 and faults < 100  # the memory was there already: reused, not faulted in again
+# then small blocks (after the large ones, so no freed small blocks were there to serve those)
 del_me = torch.ones(16 << 20, dtype=torch.uint8); del del_me  # glibc now keeps blocks < 16 MiB in its heap
 blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(100)]  # 100 MiB of 1 MiB tensors
 before = rss()
 del blocks[:-1]  # the last one pins the top of the heap
-small = before - rss()
-for _ in range(2):  # a training step: the same large tensors allocated and freed over and over
-    big = torch.ones(64 << 20, dtype=torch.uint8)  # above glibc's largest dynamic threshold (32 MiB)
-    before = rss()
-    del big
-big_released = before - rss()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-again = torch.ones(64 << 20, dtype=torch.uint8)
-print(small, big_released, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+print(before - rss(), big_released, quiet)
 """
 
 
 @pytest.mark.parametrize("policy", ["default", "mapped", "kept"])
 def test_allocator_policies(policy):
-    """What each policy does with freed tensors: 100 freed 1 MiB blocks, a freed 64 MiB block, and the
-    page faults of allocating 64 MiB again."""
+    """What each policy does with freed tensors: a 64 MiB block allocated and freed twelve times
+    (released to the OS? faulted in anew?), then 100 freed 1 MiB blocks (released?)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -573,11 +575,11 @@ def test_allocator_policies(policy):
                          cwd=Path(__file__).resolve().parent.parent).stdout.strip()
     if out == "unavailable":
         pytest.skip("mallopt needs glibc")
-    small, big, faults = (int(v) for v in out.split())
-    small, big, pages = small / 2**20, big / 2**20, (64 << 20) // 4096
+    small, big, quiet = (int(v) for v in out.split())
+    small, big = small / 2**20, big / 2**20
     if policy == "mapped":  # everything freed goes back to the OS
-        assert small > 90 and big > 60, (small, big)
-    elif policy == "kept":  # nothing goes back, and memory is reused without page faults
-        assert small < 1 and big < 1 and faults < pages / 100, (small, big, faults)
-    else:  # the behaviour the settings exist for: small blocks stay in the heap, large ones are mapped anew
-        assert small < 10 and big > 60 and faults > pages / 2, (small, big, faults)
+        assert small > 90 and big > 60 and quiet == 0, (small, big, quiet)
+    elif policy == "kept":  # nothing goes back; the memory is reused without page faults (in most cycles:
+        assert small < 1 and big < 1 and quiet >= 5, (small, big, quiet)  # glibc now and then places it anew)
+    else:  # what the settings exist for: small blocks stay in the heap, large ones are mapped anew each time
+        assert small < 10 and big > 60 and quiet == 0, (small, big, quiet)
