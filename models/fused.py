@@ -78,8 +78,9 @@ class _Rope(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         half = x.shape[-1] // 2
         y = x * cos
-        y[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)  # x1·cos - x2·sin
-        y[..., half:].addcmul_(x[..., :half], sin[..., half:])  # x2·cos + x1·sin
+        # products rounded before the sum, as transformers' expression does (addcmul_ may fuse them)
+        y[..., :half] -= x[..., half:] * sin[..., :half]  # x1·cos - x2·sin
+        y[..., half:] += x[..., :half] * sin[..., half:]  # x2·cos + x1·sin
         return y
 
     @staticmethod
