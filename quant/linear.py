@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
-from .nf4 import (DEQUANTIZE_CHUNK, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
-                  dequantize_nf4, quantize_nf4)
+from .nf4 import (DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
+                  dequantize_nf4, dequantize_parts, quantize_nf4)
 
 BACKENDS = ("ours", "bnb")
 
@@ -37,7 +37,7 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
 _DEQUANTIZE_BUFFERS = {}  # device -> (float32 Ŵ buffer, int32 index scratch), grown to the largest weight seen
 
 
-def _dequantize_buffers(packed: torch.Tensor):
+def _dequantize_buffers(packed: torch.Tensor, blocksize: int):
     """Scratch tensors for one 4-bit weight's Ŵ and its chunk indices, shared by all layers on that device.
 
     Dequantizing every layer into one reused buffer (rather than a fresh tensor per layer, per
@@ -45,11 +45,13 @@ def _dequantize_buffers(packed: torch.Tensor):
     Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
     node at a time); Ŵ is never saved for backward.
     """
-    numel = packed.numel() * 2
+    numel, n_index = packed.numel() * 2, dequantize_parts(packed.numel(), blocksize)[2]
     weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (None, None))
-    if weight is None or weight.numel() < numel:
-        weight = torch.empty(numel, dtype=torch.float32, device=packed.device)
-        index = torch.empty(min(DEQUANTIZE_CHUNK, numel // 2), dtype=torch.int32, device=packed.device)
+    if weight is None or weight.numel() < numel or index.numel() < n_index:
+        weight = torch.empty(max(numel, 0 if weight is None else weight.numel()), dtype=torch.float32,
+                             device=packed.device)
+        index = torch.empty(max(n_index, 0 if index is None else index.numel()), dtype=torch.int32,
+                            device=packed.device)
         _DEQUANTIZE_BUFFERS[packed.device] = weight, index
     return weight[:numel], index
 
@@ -162,7 +164,7 @@ class Linear4bit(_QuantizedLinear):
         """Ŵ in the buffer all 4-bit layers share: valid until the next layer dequantizes."""
         if self.backend == "bnb":
             return self.dequantized_weight()
-        out, scratch = _dequantize_buffers(self.weight_packed)
+        out, scratch = _dequantize_buffers(self.weight_packed, self.state.blocksize)
         return dequantize_nf4(self.weight_packed, self.state, out=out, scratch=scratch)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)

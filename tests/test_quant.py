@@ -63,22 +63,31 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
     assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
 
 
-def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
-    """A weight of several quantize/dequantize chunks (a partial last one) gives bnb's bytes; dequantizing
-    into a larger, dirty buffer gives bnb's values."""
+@pytest.mark.parametrize("threads", [1, 7])
+def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch, threads):
+    """A weight of several quantize/dequantize chunks (a partial last one), dequantized in one part or
+    in one part per thread (the last part shorter), gives bnb's bytes; dequantizing into a larger,
+    dirty buffer and scratch gives bnb's values."""
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 12)  # small chunks, so a small weight spans many
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 1 << 11)
+    monkeypatch.setattr(nf4, "DEQUANTIZE_PARALLEL_BYTES", 1 << 10)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     w = weight((300, 256), torch.float32)
     assert w.numel() % nf4.QUANTIZE_CHUNK and (w.numel() // 2) % nf4.DEQUANTIZE_CHUNK
     packed, state = quantize_nf4(w, 128)
     ref_packed, ref_state = bnb_quantize(w, 128, False)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+    parts, per_part, n_index = nf4.dequantize_parts(packed.numel(), 128)
+    assert parts == threads and (threads == 1 or packed.numel() % per_part)
+    assert torch.equal(dequantize_nf4(packed, state), bnb_dequantize(ref_packed, ref_state))
     buffer = torch.full((w.numel() + 100,), float("nan"))
-    dequantized = dequantize_nf4(packed, state, out=buffer)
+    dequantized = dequantize_nf4(packed, state, out=buffer, scratch=torch.full((n_index + 7,), -1, dtype=torch.int32))
     assert dequantized.data_ptr() == buffer.data_ptr()
     assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
     with pytest.raises(ValueError, match="at least 76800 elements"):
         dequantize_nf4(packed, state, out=torch.empty(100))
+    with pytest.raises(ValueError, match=f"at least {n_index} elements"):
+        dequantize_nf4(packed, state, scratch=torch.empty(n_index - 1, dtype=torch.int32))
 
 
 def test_linear4bit_layers_share_the_dequantize_buffer_safely():
