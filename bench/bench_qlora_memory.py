@@ -1,4 +1,4 @@
-"""Peak memory of a LoRA training step on smollm2-135m: fp32 base vs QLoRA (NF4) base, in one run.
+"""Peak memory of a LoRA training step on smollm2-135m: fp32 base vs QLoRA (NF4, int8) bases, in one run.
 
     python bench/bench_qlora_memory.py [--batch 4] [--tokens 256]
 
@@ -59,7 +59,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for policy in ("default", "keep_freed_memory", "map_large_allocations"):
         results = {}
-        for quant in (None, "nf4", "nf4-dq"):
+        for quant in (None, "nf4", "nf4-dq", "int8"):
             code = CHILD.format(root=str(ROOT), folder=str(folder), quant=quant, batch=args.batch, tokens=args.tokens,
                                 policy=policy)
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -190,7 +190,7 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
 DEQUANTIZE_CHUNK = 1 << 18
 # torch's CPU index_select runs on one thread. From this many bytes on, the codes are cut into one
 # part per intra-op thread, each dequantized by its own Python thread (torch ops release the GIL):
-# bench/bench_quant.py measured 1.3-1.6x faster from 576 x 1536 weights up; below, the threads'
+# measured 1.25-1.6x faster on 2 threads from 576 x 1536 weights up; below, the threads'
 # start-up costs more than they save.
 DEQUANTIZE_PARALLEL_BYTES = 1 << 18
 _DEQUANTIZE_POOLS = {}  # workers -> ThreadPoolExecutor, made on first use
