@@ -46,13 +46,12 @@ def _dequantize_buffers(packed: torch.Tensor, blocksize: int):
     node at a time); Ŵ is never saved for backward.
     """
     numel, n_index = packed.numel() * 2, dequantize_parts(packed.numel(), blocksize)[2]
-    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (None, None))
-    if weight is None or weight.numel() < numel or index.numel() < n_index:
-        weight = torch.empty(max(numel, 0 if weight is None else weight.numel()), dtype=torch.float32,
-                             device=packed.device)
-        index = torch.empty(max(n_index, 0 if index is None else index.numel()), dtype=torch.int32,
-                            device=packed.device)
-        _DEQUANTIZE_BUFFERS[packed.device] = weight, index
+    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int32)))
+    if weight.numel() < numel:
+        weight = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    if index.numel() < n_index:
+        index = torch.empty(n_index, dtype=torch.int32, device=packed.device)
+    _DEQUANTIZE_BUFFERS[packed.device] = weight, index
     return weight[:numel], index
 
 

@@ -244,10 +244,10 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
     weight = out.view(-1)[: 2 * n_bytes]
     two_levels = weight.view(torch.int64)  # (numel / 2,) each entry the two float32 levels of one byte
     table = TWO_LEVELS_BY_BYTE.to(packed.device)
+    part_index = n_index // parts  # scratch elements per part
 
     def dequantize_part(first):
         last = min(first + per_part, n_bytes)
-        part_index = n_index // parts
         index = scratch[first // per_part * part_index:][:part_index]
         for start in range(first, last, DEQUANTIZE_CHUNK):  # a chunk is a whole number of blocks
             stop = min(start + DEQUANTIZE_CHUNK, last)
