@@ -45,7 +45,7 @@ def _dequantize_buffers(packed: torch.Tensor, blocksize: int):
     Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
     node at a time); Ŵ is never saved for backward.
     """
-    numel, n_index = packed.numel() * 2, dequantize_parts(packed.numel(), blocksize)[2]
+    numel, n_index = packed.numel() * 2, dequantize_parts(packed.numel(), blocksize, into_buffer=True)[2]
     weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int32)))
     if weight.numel() < numel:
         weight = torch.empty(numel, dtype=torch.float32, device=packed.device)

@@ -38,6 +38,7 @@ bitsandbytes' CPU kernel rounds the 8-bit codes in two steps: x / absmax is firs
 same way so the bytes match bitsandbytes exactly; it differs from exact nearest rounding only for
 values within 1/65535 of the midpoint between two codes.
 """
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -80,6 +81,18 @@ DYNAMIC_CODE = dynamic_code()  # (256,)
 # (high nibble first) bit-cast to one int64, so a single 1-D index_select fetches both. (256,)
 _bytes = torch.arange(256)
 TWO_LEVELS_BY_BYTE = torch.stack([NF4_CODE[_bytes >> 4], NF4_CODE[_bytes & 15]], dim=1).view(torch.int64).view(-1)
+
+# Quantization finds each scaled weight's nearest level, i.e. the number of level midpoints strictly
+# below it (a tie going to the lower level), without a binary search: [-1, 1] is cut into 64 equal
+# cells, none holding more than one midpoint, so that count is the midpoints below the cell plus one
+# comparison with the cell's own midpoint (+inf where it has none). Every midpoint is >= 1.6e-3 from
+# a cell edge, far beyond the float32 error of computing the cell, so the count is exact. (64,)
+NF4_CELLS = 64
+_NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,) float32, as bitsandbytes compares
+_cell_of_midpoint = ((_NF4_MIDPOINTS.double() + 1) * (NF4_CELLS / 2)).floor().long()
+MIDPOINTS_BELOW_CELL = torch.bucketize(-1 + 2 * torch.arange(NF4_CELLS, dtype=torch.float64) / NF4_CELLS,
+                                       _NF4_MIDPOINTS.double()).to(torch.uint8)
+MIDPOINT_IN_CELL = torch.full((NF4_CELLS,), float("inf")).index_put_((_cell_of_midpoint,), _NF4_MIDPOINTS)
 
 # bitsandbytes' CPU 8-bit rounding: grid point g in [0, 65535] stands for -1 + 2g/65535 and maps to
 # the number of code midpoints strictly below it, i.e. its nearest code (ties to the lower one).
@@ -157,7 +170,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     n_blocks = values.numel() // blocksize
     packed = torch.empty(values.numel() // 2, 1, dtype=torch.uint8, device=weight.device)  # (numel / 2, 1)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=weight.device)  # (n_blocks,)
-    midpoints = ((NF4_CODE[:-1] + NF4_CODE[1:]) / 2).to(weight.device)
+    below_cell, midpoint_in_cell = MIDPOINTS_BELOW_CELL.to(weight.device), MIDPOINT_IN_CELL.to(weight.device)
     step = max(QUANTIZE_CHUNK // blocksize, 1)  # blocks per chunk
     for first in range(0, n_blocks, step):
         last = min(first + step, n_blocks)
@@ -165,8 +178,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         scale = torch.amax(blocks.abs(), dim=1, out=absmax[first:last])
         # an all-zero block has absmax 0; the clamp keeps 0 * (1 / absmax) finite
         scaled = (blocks * (1.0 / scale.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
-        # bucketize counts the midpoints strictly below x: the nearest level, a tie going to the lower one
-        codes = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+        cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(max=NF4_CELLS - 1).view(-1)
+        codes = below_cell[cell].add_(scaled.view(-1) > midpoint_in_cell[cell]).view(-1, blocksize)  # uint8
         chunk_bytes = packed[first * blocksize // 2: last * blocksize // 2].view(-1, blocksize // 2)
         torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=chunk_bytes)
 
@@ -188,33 +201,65 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
 # float32 output of one chunk (1 + 2 MB) stay in cache between the three passes (convert, look up,
 # scale); measured here, 2^18 beats both smaller chunks (Python overhead) and one whole-tensor pass.
 DEQUANTIZE_CHUNK = 1 << 18
-# torch's CPU index_select runs on one thread. From this many bytes on, the codes are cut into one
-# part per intra-op thread, each dequantized by its own Python thread (torch ops release the GIL):
-# measured 1.25-1.6x faster on 2 threads from 576 x 1536 weights up; below, the threads'
-# start-up costs more than they save.
+# torch's CPU index_select runs on one thread. Dequantizing this many bytes or more into a fresh
+# tensor cuts the codes into one part per intra-op thread, each dequantized by a Python thread of
+# its own (torch ops release the GIL), so that the page faults of the new output happen on every
+# core: 4096 x 4096 in 26 instead of 36 ms here. Into a reused buffer (Linear4bit's path) there
+# are no faults, and one thread with torch's parallel multiply was as fast or faster (4096 x 4096:
+# 5.5 vs 6.3 ms; a QLoRA step on smollm2-135m 4-12 % faster), so that stays on the calling thread.
 DEQUANTIZE_PARALLEL_BYTES = 1 << 18
 _DEQUANTIZE_POOLS = {}  # workers -> ThreadPoolExecutor, made on first use
 
 
-def dequantize_parts(n_bytes: int, blocksize: int) -> tuple:
-    """(parts, bytes per part, index scratch elements) for dequantizing n_bytes of codes.
+def dequantize_workers() -> int:
+    """Threads a large dequantization is split across: torch's intra-op thread count."""
+    return torch.get_num_threads()
+
+
+def dequantize_parts(n_bytes: int, blocksize: int, into_buffer: bool = False) -> tuple:
+    """(parts, bytes per part, index scratch elements) for dequantizing n_bytes of codes into a
+    fresh tensor, or into a caller's buffer.
 
     A part is a whole number of blocks; each part walks its bytes in DEQUANTIZE_CHUNK chunks with
     its own slice of the int32 index scratch.
     """
-    parts = max(1, torch.get_num_threads()) if n_bytes >= DEQUANTIZE_PARALLEL_BYTES else 1
+    parts = max(1, dequantize_workers()) if n_bytes >= DEQUANTIZE_PARALLEL_BYTES and not into_buffer else 1
     block_bytes = blocksize // 2
     per_part = -(-n_bytes // (parts * block_bytes)) * block_bytes  # ceil to whole blocks
     parts = -(-n_bytes // per_part)
     return parts, per_part, parts * min(DEQUANTIZE_CHUNK, per_part)
 
 
+def _serial_torch_thread():
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # a thread reads the shared count on its first torch call; read it while it is 1
+
+
+def _dequantize_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads whose torch ops run serially.
+
+    A Python thread's first parallel torch op gives it an OpenMP team of its own; with more OpenMP
+    threads than cores, libgomp stops spinning between parallel regions, and every later small op
+    of the main thread then waits for its threads to wake (measured here: quantizing 576 x 1536,
+    about 140 small ops, 3 -> 14 ms after one threaded dequantization). So each worker sets its
+    own thread count to 1 first. torch.set_num_threads also sets the count that new threads
+    start with, which is put back once every worker has run.
+    """
+    if workers not in _DEQUANTIZE_POOLS:
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="dequantize_nf4", initializer=_serial_torch_thread)
+        started = threading.Barrier(workers)  # holds each task until all workers exist and are initialised
+        for done in [pool.submit(started.wait) for _ in range(workers)]:
+            done.result()
+        torch.set_num_threads(threads)
+        _DEQUANTIZE_POOLS[workers] = pool
+    return _DEQUANTIZE_POOLS[workers]
+
+
 def _run_parts(work, starts):
     if len(starts) == 1:
         return work(starts[0])
-    if len(starts) not in _DEQUANTIZE_POOLS:
-        _DEQUANTIZE_POOLS[len(starts)] = ThreadPoolExecutor(len(starts), thread_name_prefix="dequantize_nf4")
-    pool = _DEQUANTIZE_POOLS[len(starts)]
+    pool = _dequantize_pool(len(starts))
     for done in [pool.submit(work, start) for start in starts]:
         done.result()  # re-raises a part's exception here
 
@@ -226,17 +271,17 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
     A caller that dequantizes many layers can pass buffers to reuse instead of allocating per call:
     out      float32 tensor of at least numel elements to write ŵ into (the result is then a view
              of `out` when state.dtype is float32);
-    scratch  int32 tensor of at least dequantize_parts(numel / 2, blocksize)[2] elements for the
-             indices.
+    scratch  int32 tensor of at least dequantize_parts(numel / 2, blocksize, out is not None)[2]
+             elements for the indices.
     """
     absmax = dequantize_absmax(state)
     codes = packed.reshape(-1)  # (numel / 2,)
     n_bytes, blocksize = codes.numel(), state.blocksize
+    parts, per_part, n_index = dequantize_parts(n_bytes, blocksize, into_buffer=out is not None)
     if out is None:
         out = torch.empty(2 * n_bytes, dtype=torch.float32, device=packed.device)
     elif out.dtype != torch.float32 or out.numel() < 2 * n_bytes:
         raise ValueError(f"out must be a float32 tensor of at least {2 * n_bytes} elements")
-    parts, per_part, n_index = dequantize_parts(n_bytes, blocksize)
     if scratch is None:
         scratch = torch.empty(n_index, dtype=torch.int32, device=packed.device)
     elif scratch.dtype != torch.int32 or scratch.numel() < n_index:

@@ -3,6 +3,8 @@
 Format-level results must be bit-identical to bitsandbytes (torch.equal); layer outputs are
 compared with tolerances measured on the reference, explained where they are used.
 """
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,11 +69,11 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
 def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch, threads):
     """A weight of several quantize/dequantize chunks (a partial last one), dequantized in one part or
     in one part per thread (the last part shorter), gives bnb's bytes; dequantizing into a larger,
-    dirty buffer and scratch gives bnb's values."""
+    dirty buffer and scratch (always one part) gives bnb's values."""
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 12)  # small chunks, so a small weight spans many
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 1 << 11)
     monkeypatch.setattr(nf4, "DEQUANTIZE_PARALLEL_BYTES", 1 << 10)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(nf4, "dequantize_workers", lambda: threads)
     w = weight((300, 256), torch.float32)
     assert w.numel() % nf4.QUANTIZE_CHUNK and (w.numel() // 2) % nf4.DEQUANTIZE_CHUNK
     packed, state = quantize_nf4(w, 128)
@@ -81,13 +83,45 @@ def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch, threads):
     assert parts == threads and (threads == 1 or packed.numel() % per_part)
     assert torch.equal(dequantize_nf4(packed, state), bnb_dequantize(ref_packed, ref_state))
     buffer = torch.full((w.numel() + 100,), float("nan"))
-    dequantized = dequantize_nf4(packed, state, out=buffer, scratch=torch.full((n_index + 7,), -1, dtype=torch.int32))
+    assert nf4.dequantize_parts(packed.numel(), 128, into_buffer=True) == (1, packed.numel(), nf4.DEQUANTIZE_CHUNK)
+    scratch = torch.full((nf4.DEQUANTIZE_CHUNK + 7,), -1, dtype=torch.int32)
+    dequantized = dequantize_nf4(packed, state, out=buffer, scratch=scratch)
     assert dequantized.data_ptr() == buffer.data_ptr()
     assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
     with pytest.raises(ValueError, match="at least 76800 elements"):
         dequantize_nf4(packed, state, out=torch.empty(100))
     with pytest.raises(ValueError, match=f"at least {n_index} elements"):
         dequantize_nf4(packed, state, scratch=torch.empty(n_index - 1, dtype=torch.int32))
+
+
+def test_dequantize_workers_leave_the_main_threads_count_alone():
+    """Dequantization's worker threads run torch ops on one thread each (an OpenMP team per worker
+    would make libgomp stop spinning and slow every small op after it); the main thread's count, and
+    the count a new thread starts with, stay what they were."""
+    threads = torch.get_num_threads()
+    pool = nf4._dequantize_pool(2)
+    assert [done.result() for done in [pool.submit(torch.get_num_threads) for _ in range(4)]] == [1, 1, 1, 1]
+    assert torch.get_num_threads() == threads
+    seen = []
+    new_thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    new_thread.start()
+    new_thread.join()
+    assert seen == [threads]
+
+
+def test_nf4_level_lookup_equals_the_nearest_level():
+    """quantize_nf4's cell lookup gives the number of float32 level midpoints strictly below x (what
+    bitsandbytes' comparisons compute: the nearest level, a tie going to the lower one) for a dense
+    grid of [-1, 1], every midpoint and the float32 values either side of each."""
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    grid = torch.linspace(-1, 1, 2_000_001)
+    x = torch.cat([grid, midpoints, midpoints.nextafter(torch.tensor(2.0)), midpoints.nextafter(torch.tensor(-2.0)),
+                   torch.tensor([-1.0, 1.0, 0.0, -0.0])])
+    below = (x[:, None] > midpoints[None, :]).sum(dim=1)
+    away = (grid[:, None] - midpoints[None, :]).abs().amin(dim=1) > 1e-6  # off the midpoints: the nearest level
+    assert torch.equal(below[: grid.numel()][away], (grid[away, None] - NF4_CODE[None, :]).abs().argmin(dim=1))
+    cell = x.add(1.0).mul_(nf4.NF4_CELLS / 2).to(torch.int32).clamp_(max=nf4.NF4_CELLS - 1)
+    assert torch.equal(nf4.MIDPOINTS_BELOW_CELL[cell].add_(x > nf4.MIDPOINT_IN_CELL[cell]).long(), below)
 
 
 def test_linear4bit_layers_share_the_dequantize_buffer_safely():
