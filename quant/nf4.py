@@ -94,6 +94,13 @@ MIDPOINTS_BELOW_CELL = torch.bucketize(-1 + 2 * torch.arange(NF4_CELLS, dtype=to
                                        _NF4_MIDPOINTS.double()).to(torch.uint8)
 MIDPOINT_IN_CELL = torch.full((NF4_CELLS,), float("inf")).index_put_((_cell_of_midpoint,), _NF4_MIDPOINTS)
 
+
+def nearest_nf4_level(scaled: torch.Tensor) -> torch.Tensor:
+    """The NF4 code of each value of `scaled` (in [-1, 1]): midpoints strictly below it. uint8, flat."""
+    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(max=NF4_CELLS - 1).view(-1)
+    below, midpoint = MIDPOINTS_BELOW_CELL.to(scaled.device), MIDPOINT_IN_CELL.to(scaled.device)
+    return below[cell].add_(scaled.reshape(-1) > midpoint[cell])
+
 # bitsandbytes' CPU 8-bit rounding: grid point g in [0, 65535] stands for -1 + 2g/65535 and maps to
 # the number of code midpoints strictly below it, i.e. its nearest code (ties to the lower one).
 _GRID = 65535
@@ -170,7 +177,6 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     n_blocks = values.numel() // blocksize
     packed = torch.empty(values.numel() // 2, 1, dtype=torch.uint8, device=weight.device)  # (numel / 2, 1)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=weight.device)  # (n_blocks,)
-    below_cell, midpoint_in_cell = MIDPOINTS_BELOW_CELL.to(weight.device), MIDPOINT_IN_CELL.to(weight.device)
     step = max(QUANTIZE_CHUNK // blocksize, 1)  # blocks per chunk
     for first in range(0, n_blocks, step):
         last = min(first + step, n_blocks)
@@ -178,8 +184,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         scale = torch.amax(blocks.abs(), dim=1, out=absmax[first:last])
         # an all-zero block has absmax 0; the clamp keeps 0 * (1 / absmax) finite
         scaled = (blocks * (1.0 / scale.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
-        cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(max=NF4_CELLS - 1).view(-1)
-        codes = below_cell[cell].add_(scaled.view(-1) > midpoint_in_cell[cell]).view(-1, blocksize)  # uint8
+        codes = nearest_nf4_level(scaled).view(-1, blocksize)
         chunk_bytes = packed[first * blocksize // 2: last * blocksize // 2].view(-1, blocksize // 2)
         torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=chunk_bytes)
 

@@ -110,7 +110,7 @@ def test_dequantize_workers_leave_the_main_threads_count_alone():
 
 
 def test_nf4_level_lookup_equals_the_nearest_level():
-    """quantize_nf4's cell lookup gives the number of float32 level midpoints strictly below x (what
+    """nearest_nf4_level (quantize_nf4's cell lookup) gives the number of float32 level midpoints strictly below x (what
     bitsandbytes' comparisons compute: the nearest level, a tie going to the lower one) for a dense
     grid of [-1, 1], every midpoint and the float32 values either side of each."""
     midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -120,8 +120,7 @@ def test_nf4_level_lookup_equals_the_nearest_level():
     below = (x[:, None] > midpoints[None, :]).sum(dim=1)
     away = (grid[:, None] - midpoints[None, :]).abs().amin(dim=1) > 1e-6  # off the midpoints: the nearest level
     assert torch.equal(below[: grid.numel()][away], (grid[away, None] - NF4_CODE[None, :]).abs().argmin(dim=1))
-    cell = x.add(1.0).mul_(nf4.NF4_CELLS / 2).to(torch.int32).clamp_(max=nf4.NF4_CELLS - 1)
-    assert torch.equal(nf4.MIDPOINTS_BELOW_CELL[cell].add_(x > nf4.MIDPOINT_IN_CELL[cell]).long(), below)
+    assert torch.equal(nf4.nearest_nf4_level(x).long(), below)
 
 
 def test_linear4bit_layers_share_the_dequantize_buffer_safely():
