@@ -26,14 +26,17 @@ def timeit(fn, repeats=10, warmup=2):
     return statistics.median(times)
 
 
-def round_robin_times(fns, repeats=10, warmup=2):
-    """Wall times (s) of each function, run round-robin so machine noise hits all alike."""
+def round_robin_times(fns, repeats=10, warmup=2, before=None):
+    """Wall times (s) of each function, run round-robin so machine noise hits all alike; `before()`,
+    when given, runs untimed ahead of every call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

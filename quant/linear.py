@@ -20,7 +20,7 @@ from torch import nn
 
 from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
 from .nf4 import (DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
-                  dequantize_nf4, dequantize_parts, quantize_nf4)
+                  dequantize_nf4, dequantize_scratch_size, quantize_nf4)
 
 BACKENDS = ("ours", "bnb")
 
@@ -34,10 +34,10 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
 
 
-_DEQUANTIZE_BUFFERS = {}  # device -> (float32 Ŵ buffer, int32 index scratch), grown to the largest weight seen
+_DEQUANTIZE_BUFFERS = {}  # device -> (float32 Ŵ buffer, int64 index scratch), grown to the largest weight seen
 
 
-def _dequantize_buffers(packed: torch.Tensor, blocksize: int):
+def _dequantize_buffers(packed: torch.Tensor):
     """Scratch tensors for one 4-bit weight's Ŵ and its chunk indices, shared by all layers on that device.
 
     Dequantizing every layer into one reused buffer (rather than a fresh tensor per layer, per
@@ -45,12 +45,12 @@ def _dequantize_buffers(packed: torch.Tensor, blocksize: int):
     Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
     node at a time); Ŵ is never saved for backward.
     """
-    numel, n_index = packed.numel() * 2, dequantize_parts(packed.numel(), blocksize, into_buffer=True)[2]
-    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int32)))
+    numel, n_index = packed.numel() * 2, dequantize_scratch_size(packed.numel())
+    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int64)))
     if weight.numel() < numel:
         weight = torch.empty(numel, dtype=torch.float32, device=packed.device)
     if index.numel() < n_index:
-        index = torch.empty(n_index, dtype=torch.int32, device=packed.device)
+        index = torch.empty(n_index, dtype=torch.int64, device=packed.device)
     _DEQUANTIZE_BUFFERS[packed.device] = weight, index
     return weight[:numel], index
 
@@ -163,7 +163,7 @@ class Linear4bit(_QuantizedLinear):
         """Ŵ in the buffer all 4-bit layers share: valid until the next layer dequantizes."""
         if self.backend == "bnb":
             return self.dequantized_weight()
-        out, scratch = _dequantize_buffers(self.weight_packed, self.state.blocksize)
+        out, scratch = _dequantize_buffers(self.weight_packed)
         return dequantize_nf4(self.weight_packed, self.state, out=out, scratch=scratch)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)

@@ -38,8 +38,6 @@ bitsandbytes' CPU kernel rounds the 8-bit codes in two steps: x / absmax is firs
 same way so the bytes match bitsandbytes exactly; it differs from exact nearest rounding only for
 values within 1/65535 of the midpoint between two codes.
 """
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,7 +76,7 @@ NF4_CODE = normal_float_code()  # (16,)
 DYNAMIC_CODE = dynamic_code()  # (256,)
 
 # Dequantization looks bytes up in this table: entry k holds the two float32 NF4 levels of byte k
-# (high nibble first) bit-cast to one int64, so a single 1-D index_select fetches both. (256,)
+# (high nibble first) bit-cast to one int64, so a single lookup fetches both. (256,)
 _bytes = torch.arange(256)
 TWO_LEVELS_BY_BYTE = torch.stack([NF4_CODE[_bytes >> 4], NF4_CODE[_bytes & 15]], dim=1).view(torch.int64).view(-1)
 
@@ -202,71 +200,33 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
     return dequantize_blockwise_8bit(state.absmax, state.nested_absmax) + state.offset
 
 
-# Dequantization walks the codes in chunks of this many bytes (2 weights each), so the int32 index and
-# float32 output of one chunk (1 + 2 MB) stay in cache between the three passes (convert, look up,
-# scale); measured here, 2^18 beats both smaller chunks (Python overhead) and one whole-tensor pass.
-DEQUANTIZE_CHUNK = 1 << 18
-# torch's CPU index_select runs on one thread. Dequantizing this many bytes or more into a fresh
-# tensor cuts the codes into one part per intra-op thread, each dequantized by a Python thread of
-# its own (torch ops release the GIL), so that the page faults of the new output happen on every
-# core: 4096 x 4096 in 26 instead of 36 ms here. Into a reused buffer (Linear4bit's path) there
-# are no faults, and one thread with torch's parallel multiply was as fast or faster (4096 x 4096:
-# 5.5 vs 6.3 ms; a QLoRA step on smollm2-135m 4-12 % faster), so that stays on the calling thread.
-DEQUANTIZE_PARALLEL_BYTES = 1 << 18
-_DEQUANTIZE_POOLS = {}  # workers -> ThreadPoolExecutor, made on first use
+# Dequantization walks the codes in chunks of this many bytes (2 weights each), so the int64 index and
+# float32 output of one chunk (4 + 4 MB) stay in cache between the three passes (convert, look up,
+# scale); measured here, 2^19 beats both smaller chunks (Python overhead) and one whole-tensor pass
+# (4096 x 4096 into a buffer: 4.6 ms, vs 5.8 at 2^18, 8.1 at 2^16, 9.4 in one pass).
+DEQUANTIZE_CHUNK = 1 << 19
+# The lookup is a gather along the rows of a (rows, LOOKUP_ROW) view of the chunk from the table
+# broadcast to every row: torch's CPU gather then splits the rows across its threads, where a 1-D
+# index_select runs on one (576 x 1536: 0.28-0.31 vs 0.41-0.50 ms for the whole dequantization;
+# bitsandbytes 0.08). Into a fresh tensor the output's page faults then happen on every core too, as
+# fast as the Python threads that each dequantized a part before (4096 x 4096: 31 vs 29-31 ms).
+LOOKUP_ROW = 2048
 
 
-def dequantize_workers() -> int:
-    """Threads a large dequantization is split across: torch's intra-op thread count."""
-    return torch.get_num_threads()
+def dequantize_scratch_size(n_bytes: int) -> int:
+    """Elements of the int64 index scratch that dequantizing n_bytes of codes needs: one chunk's."""
+    return min(DEQUANTIZE_CHUNK, n_bytes)
 
 
-def dequantize_parts(n_bytes: int, blocksize: int, into_buffer: bool = False) -> tuple:
-    """(parts, bytes per part, index scratch elements) for dequantizing n_bytes of codes into a
-    fresh tensor, or into a caller's buffer.
-
-    A part is a whole number of blocks; each part walks its bytes in DEQUANTIZE_CHUNK chunks with
-    its own slice of the int32 index scratch.
-    """
-    parts = max(1, dequantize_workers()) if n_bytes >= DEQUANTIZE_PARALLEL_BYTES and not into_buffer else 1
-    block_bytes = blocksize // 2
-    per_part = -(-n_bytes // (parts * block_bytes)) * block_bytes  # ceil to whole blocks
-    parts = -(-n_bytes // per_part)
-    return parts, per_part, parts * min(DEQUANTIZE_CHUNK, per_part)
-
-
-def _serial_torch_thread():
-    torch.set_num_threads(1)
-    torch.get_num_threads()  # a thread reads the shared count on its first torch call; read it while it is 1
-
-
-def _dequantize_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads whose torch ops run serially.
-
-    A Python thread's first parallel torch op gives it an OpenMP team of its own; with more OpenMP
-    threads than cores, libgomp stops spinning between parallel regions, and every later small op
-    of the main thread then waits for its threads to wake (measured here: quantizing 576 x 1536,
-    about 140 small ops, 3 -> 14 ms after one threaded dequantization). So each worker sets its
-    own thread count to 1 first. torch.set_num_threads also sets the count that new threads
-    start with, which is put back once every worker has run.
-    """
-    if workers not in _DEQUANTIZE_POOLS:
-        threads = torch.get_num_threads()
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="dequantize_nf4", initializer=_serial_torch_thread)
-        started = threading.Barrier(workers)  # holds each task until all workers exist and are initialised
-        for done in [pool.submit(started.wait) for _ in range(workers)]:
-            done.result()
-        torch.set_num_threads(threads)
-        _DEQUANTIZE_POOLS[workers] = pool
-    return _DEQUANTIZE_POOLS[workers]
-
-
-def _run_parts(work, starts):
-    if len(starts) == 1:
-        return work(starts[0])
-    pool = _dequantize_pool(len(starts))
-    for done in [pool.submit(work, start) for start in starts]:
-        done.result()  # re-raises a part's exception here
+def lookup(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = table[0, index[i]] for 1-D index and out: a gather over rows of LOOKUP_ROW entries, and
+    one more for the remainder."""
+    rows, tail = divmod(index.numel(), LOOKUP_ROW)
+    whole = rows * LOOKUP_ROW
+    if rows:
+        torch.gather(table.expand(rows, -1), 1, index[:whole].view(rows, LOOKUP_ROW), out=out[:whole].view(rows, LOOKUP_ROW))
+    if tail:
+        torch.gather(table, 1, index[whole:].view(1, tail), out=out[whole:].view(1, tail))
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Tensor] = None,
@@ -276,36 +236,28 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
     A caller that dequantizes many layers can pass buffers to reuse instead of allocating per call:
     out      float32 tensor of at least numel elements to write ŵ into (the result is then a view
              of `out` when state.dtype is float32);
-    scratch  int32 tensor of at least dequantize_parts(numel / 2, blocksize, out is not None)[2]
-             elements for the indices.
+    scratch  int64 tensor of at least dequantize_scratch_size(numel / 2) elements for the indices.
     """
     absmax = dequantize_absmax(state)
     codes = packed.reshape(-1)  # (numel / 2,)
     n_bytes, blocksize = codes.numel(), state.blocksize
-    parts, per_part, n_index = dequantize_parts(n_bytes, blocksize, into_buffer=out is not None)
+    n_index = dequantize_scratch_size(n_bytes)
     if out is None:
         out = torch.empty(2 * n_bytes, dtype=torch.float32, device=packed.device)
     elif out.dtype != torch.float32 or out.numel() < 2 * n_bytes:
         raise ValueError(f"out must be a float32 tensor of at least {2 * n_bytes} elements")
     if scratch is None:
-        scratch = torch.empty(n_index, dtype=torch.int32, device=packed.device)
-    elif scratch.dtype != torch.int32 or scratch.numel() < n_index:
-        raise ValueError(f"scratch must be an int32 tensor of at least {n_index} elements")
+        scratch = torch.empty(n_index, dtype=torch.int64, device=packed.device)
+    elif scratch.dtype != torch.int64 or scratch.numel() < n_index:
+        raise ValueError(f"scratch must be an int64 tensor of at least {n_index} elements")
     weight = out.view(-1)[: 2 * n_bytes]
     two_levels = weight.view(torch.int64)  # (numel / 2,) each entry the two float32 levels of one byte
-    table = TWO_LEVELS_BY_BYTE.to(packed.device)
-    part_index = n_index // parts  # scratch elements per part
-
-    def dequantize_part(first):
-        last = min(first + per_part, n_bytes)
-        index = scratch[first // per_part * part_index:][:part_index]
-        for start in range(first, last, DEQUANTIZE_CHUNK):  # a chunk is a whole number of blocks
-            stop = min(start + DEQUANTIZE_CHUNK, last)
-            chunk_index = index[: stop - start]
-            chunk_index.copy_(codes[start:stop])  # index_select takes int32 or int64 indices, not uint8
-            torch.index_select(table, 0, chunk_index, out=two_levels[start:stop])
-            blocks = weight[2 * start: 2 * stop].view(-1, blocksize)  # (blocks in chunk, blocksize)
-            blocks.mul_(absmax[2 * start // blocksize: 2 * stop // blocksize, None])
-
-    _run_parts(dequantize_part, range(0, n_bytes, per_part))
+    table = TWO_LEVELS_BY_BYTE.to(packed.device)[None]  # (1, 256)
+    for start in range(0, n_bytes, DEQUANTIZE_CHUNK):  # a chunk is a whole number of blocks
+        stop = min(start + DEQUANTIZE_CHUNK, n_bytes)
+        index = scratch[: stop - start]
+        index.copy_(codes[start:stop])  # gather takes int64 indices, not uint8
+        lookup(table, index, two_levels[start:stop])
+        blocks = weight[2 * start: 2 * stop].view(-1, blocksize)  # (blocks in chunk, blocksize)
+        blocks.mul_(absmax[2 * start // blocksize: 2 * stop // blocksize, None])
     return weight.view(state.shape).to(state.dtype)

@@ -3,7 +3,6 @@
 Format-level results must be bit-identical to bitsandbytes (torch.equal); layer outputs are
 compared with tolerances measured on the reference, explained where they are used.
 """
-import threading
 
 import pytest
 import torch
@@ -65,48 +64,29 @@ def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
     assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
 
 
-@pytest.mark.parametrize("threads", [1, 7])
-def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch, threads):
-    """A weight of several quantize/dequantize chunks (a partial last one), dequantized in one part or
-    in one part per thread (the last part shorter), gives bnb's bytes; dequantizing into a larger,
-    dirty buffer and scratch (always one part) gives bnb's values."""
+def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
+    """A weight of several quantize/dequantize chunks (a partial last one), each chunk whole lookup rows
+    and a remainder, gives bnb's bytes; dequantizing into a larger, dirty buffer and scratch gives
+    bnb's values."""
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 12)  # small chunks, so a small weight spans many
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 1 << 11)
-    monkeypatch.setattr(nf4, "DEQUANTIZE_PARALLEL_BYTES", 1 << 10)
-    monkeypatch.setattr(nf4, "dequantize_workers", lambda: threads)
+    monkeypatch.setattr(nf4, "LOOKUP_ROW", 640)  # 2048 = 3 rows + 128, the last chunk's 1536 = 2 rows + 256
     w = weight((300, 256), torch.float32)
     assert w.numel() % nf4.QUANTIZE_CHUNK and (w.numel() // 2) % nf4.DEQUANTIZE_CHUNK
     packed, state = quantize_nf4(w, 128)
     ref_packed, ref_state = bnb_quantize(w, 128, False)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
-    parts, per_part, n_index = nf4.dequantize_parts(packed.numel(), 128)
-    assert parts == threads and (threads == 1 or packed.numel() % per_part)
     assert torch.equal(dequantize_nf4(packed, state), bnb_dequantize(ref_packed, ref_state))
     buffer = torch.full((w.numel() + 100,), float("nan"))
-    assert nf4.dequantize_parts(packed.numel(), 128, into_buffer=True) == (1, packed.numel(), nf4.DEQUANTIZE_CHUNK)
-    scratch = torch.full((nf4.DEQUANTIZE_CHUNK + 7,), -1, dtype=torch.int32)
+    assert nf4.dequantize_scratch_size(packed.numel()) == nf4.DEQUANTIZE_CHUNK
+    scratch = torch.full((nf4.DEQUANTIZE_CHUNK + 7,), -1, dtype=torch.int64)
     dequantized = dequantize_nf4(packed, state, out=buffer, scratch=scratch)
     assert dequantized.data_ptr() == buffer.data_ptr()
     assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state))
     with pytest.raises(ValueError, match="at least 76800 elements"):
         dequantize_nf4(packed, state, out=torch.empty(100))
-    with pytest.raises(ValueError, match=f"at least {n_index} elements"):
-        dequantize_nf4(packed, state, scratch=torch.empty(n_index - 1, dtype=torch.int32))
-
-
-def test_dequantize_workers_leave_the_main_threads_count_alone():
-    """Dequantization's worker threads run torch ops on one thread each (an OpenMP team per worker
-    would make libgomp stop spinning and slow every small op after it); the main thread's count, and
-    the count a new thread starts with, stay what they were."""
-    threads = torch.get_num_threads()
-    pool = nf4._dequantize_pool(2)
-    assert [done.result() for done in [pool.submit(torch.get_num_threads) for _ in range(4)]] == [1, 1, 1, 1]
-    assert torch.get_num_threads() == threads
-    seen = []
-    new_thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    new_thread.start()
-    new_thread.join()
-    assert seen == [threads]
+    with pytest.raises(ValueError, match=f"at least {nf4.DEQUANTIZE_CHUNK} elements"):
+        dequantize_nf4(packed, state, scratch=torch.empty(nf4.DEQUANTIZE_CHUNK - 1, dtype=torch.int64))
 
 
 def test_nf4_level_lookup_equals_the_nearest_level():
