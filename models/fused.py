@@ -32,7 +32,10 @@ Dropout from 16-bit random lanes (Srivastava et al. 2014)
 torch's CPU Bernoulli sampler costs ~10 ns per element (a quarter of a MiniLM training step). Here
 one 64-bit draw of torch's generator gives four 16-bit lanes u, and m = (u >= round(p · 65536)):
 p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), the draws are 4x fewer, and the
-generator is torch's, so seeding and checkpointed RNG state work as before.
+generator is torch's, so seeding and checkpointed RNG state work as before. The mask is uint8, not
+bool: torch's CPU kernels write and read bool without vectorising. That halved dropout's cost in a
+MiniLM step (about 55 to 21-38 ms), together with adding padding masks to attention scores as
+0 / -inf instead of masked_fill_ with a broadcast bool mask.
 """
 import math
 
@@ -175,16 +178,22 @@ def lm_loss(lm_head, hidden, targets):
 # ---- dropout ------------------------------------------------------------------------------------
 
 def keep_mask(shape, p, device=None):
-    """Boolean mask, each entry True with probability 1 - round(p · 65536) / 65536."""
+    """uint8 mask, each entry 1 with probability 1 - round(p · 65536) / 65536, else 0.
+
+    uint8 rather than bool: torch's CPU kernels write and read bool tensors without vectorising
+    (measured here on 786432 entries: the comparison into bool 200 us, into uint8 37 us; torch.where
+    on the bool mask 640 us, multiplying the uint8 one 70 us).
+    """
     n = math.prod(shape)
     lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # 64 random bits
-    return (lanes.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)  # int16 lanes are uniform
+    keep = torch.empty(shape, dtype=torch.uint8, device=device)
+    return torch.ge(lanes.view(torch.int16)[:n].view(shape), round(p * 65536) - 32768, out=keep)  # int16 lanes are uniform
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
-        scale = torch.where(keep_mask(x.shape, p, x.device), 1.0 / (1.0 - p), 0.0).to(x.dtype)  # m / (1 - p)
+        scale = keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))  # m / (1 - p)
         ctx.save_for_backward(scale)
         return x * scale
 
@@ -213,8 +222,8 @@ def attention_with_dropout(q, k, v, mask, causal, p):
     scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_(scores.shape[-1] - scores.shape[-2])
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
+    if mask is not None:  # added as 0 / -inf: masked_fill_ on the full scores reads a broadcast bool mask 10 x slower
+        scores.add_(torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf")))
     return dropout(scores.softmax(-1), p) @ v
 
 
