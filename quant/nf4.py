@@ -76,9 +76,10 @@ NF4_CODE = normal_float_code()  # (16,)
 DYNAMIC_CODE = dynamic_code()  # (256,)
 
 # Dequantization looks bytes up in this table: entry k holds the two float32 NF4 levels of byte k
-# (high nibble first) bit-cast to one int64, so a single lookup fetches both. (256,)
+# (high nibble first) bit-cast to one int64, so a single lookup fetches both; one row, so that it
+# broadcasts to the rows `lookup` gathers over. (1, 256)
 _bytes = torch.arange(256)
-TWO_LEVELS_BY_BYTE = torch.stack([NF4_CODE[_bytes >> 4], NF4_CODE[_bytes & 15]], dim=1).view(torch.int64).view(-1)
+TWO_LEVELS_BY_BYTE = torch.stack([NF4_CODE[_bytes >> 4], NF4_CODE[_bytes & 15]], dim=1).view(torch.int64).view(1, -1)
 
 # Quantization finds each scaled weight's nearest level, i.e. the number of level midpoints strictly
 # below it (a tie going to the lower level), without a binary search: [-1, 1] is cut into 64 equal
@@ -252,7 +253,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
         raise ValueError(f"scratch must be an int64 tensor of at least {n_index} elements")
     weight = out.view(-1)[: 2 * n_bytes]
     two_levels = weight.view(torch.int64)  # (numel / 2,) each entry the two float32 levels of one byte
-    table = TWO_LEVELS_BY_BYTE.to(packed.device)[None]  # (1, 256)
+    table = TWO_LEVELS_BY_BYTE.to(packed.device)
     for start in range(0, n_bytes, DEQUANTIZE_CHUNK):  # a chunk is a whole number of blocks
         stop = min(start + DEQUANTIZE_CHUNK, n_bytes)
         index = scratch[: stop - start]
