@@ -11,6 +11,7 @@ Tasks:
                      the loss covers the answer tokens only
     causal-lm        prompt/answer pairs with the loss on the answer, or plain text
 """
+import argparse
 import csv
 import json
 import random
@@ -22,6 +23,15 @@ PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "com
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
 PAIR_PROMPTS = {"question": "Question: {}\nAnswer: ", "document": "{}\nSummary: ", "prompt": "{}"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """train.py's and eval.py's --help: each flag's default, unless its help says it or it is None."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class DataError(ValueError):

@@ -28,7 +28,7 @@ from quant.allocator import keep_freed_memory
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     p.add_argument("--model", required=True, help="base model: folder, fetched name, alias or Hub id")
     p.add_argument("--adapters", nargs="+", default=["base"], help="'base' and/or adapter folders, one table column each")
     p.add_argument("--merge", action="store_true", help="merge each LoRA adapter into the weights before evaluating")

@@ -41,7 +41,7 @@ HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": Fal
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="distilbert", help="local folder, fetched name (minilm-l6, smollm2-135m), alias or Hub id")
     g.add_argument("--dataset", default="rotten_tomatoes", help="Hub name, or a local folder of split files / one file (jsonl, csv, parquet)")

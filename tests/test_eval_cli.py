@@ -7,8 +7,10 @@
 Checked: the table's JSON for two adapters (accuracy exactly, loss within 1e-5), --merge equals the
 unmerged adapter, --predict prints peft's softmax probabilities, plain-text perplexity of a 4-bit base.
 """
+import importlib
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -121,3 +123,18 @@ def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, allocator_settings
             total += reference(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
     assert results["base"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+
+@pytest.mark.parametrize("cli", ["eval", "train"])
+def test_help_explains_every_flag_and_states_each_default_once(cli, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(cli).parse_args(["--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", options)[1:]  # one per flag: "--name VALUE   help ..."
+    assert len(entries) > 10
+    for entry in entries:
+        words = " ".join(entry.split())
+        flag_and_value = re.match(r"(-\S+(?: [A-Z_]+(?: \[[A-Z_. ]+\])?| \{[^}]*\})?,? ?)+", words).group(0)
+        assert len(words) > len(flag_and_value) + 10, f"no help text: {words!r}"
+        assert words.count("(default:") <= 1 and "(default: None)" not in words, words
