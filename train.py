@@ -72,7 +72,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: lora 5e-3 for seq-cls, else 1e-3; prompt 3e-2; none 2e-5)")
+                   help="peak learning rate (default: lora 5e-3 for seq-cls, else 1e-3; prompt 3e-2; none 5e-5)")
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear", help="decay after warmup")
     g.add_argument("--warmup", type=float, default=0.06, help="warmup: a fraction of the steps if < 1, else a step count")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
@@ -320,7 +320,7 @@ def main(argv=None):
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
     if args.lr is None:
-        args.lr = {"lora": 5e-3 if task == "seq-cls" else 1e-3, "prompt": 3e-2, "none": 2e-5}[args.method]
+        args.lr = {"lora": 5e-3 if task == "seq-cls" else 1e-3, "prompt": 3e-2, "none": 5e-5}[args.method]
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
     if metric not in HIGHER_IS_BETTER:
         raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")
