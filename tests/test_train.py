@@ -237,6 +237,7 @@ def sgd(groups, lr):
     """Stands in for train.py's torch.optim.AdamW where two runs must end with equal weights."""
     return torch.optim.SGD(groups, lr=lr)
 
+
 @pytest.mark.parametrize("task", ["seq-cls", "causal-lm"])
 def test_grad_accumulation_equals_big_batch(tiny, tmp_path, monkeypatch, task):
     """2 micro-batches of 4 make the same optimizer steps as 1 batch of 8: the loss is divided by the
