@@ -201,10 +201,10 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
     return dequantize_blockwise_8bit(state.absmax, state.nested_absmax) + state.offset
 
 
-# Dequantization walks the codes in chunks of this many bytes (2 weights each), so the int64 index and
-# float32 output of one chunk (4 + 4 MB) stay in the last-level cache between the three passes (convert, look up,
-# scale); measured here, 2^19 beats both smaller chunks (Python overhead) and one whole-tensor pass
-# (4096 x 4096 into a buffer: 4.6 ms, vs 5.8 at 2^18, 8.1 at 2^16, 9.4 in one pass).
+# Dequantization walks the codes in chunks of this many bytes (2 weights each), so the int64 index
+# and float32 output of one chunk (4 + 4 MB) stay in the last-level cache between the three passes
+# (convert, look up, scale); measured here, 2^19 beats both smaller chunks (Python overhead) and one
+# whole-tensor pass (4096 x 4096 into a buffer: 4.6 ms, vs 5.8 at 2^18, 8.1 at 2^16, 9.4 in one pass).
 DEQUANTIZE_CHUNK = 1 << 19
 # The lookup is a gather along the rows of a (rows, LOOKUP_ROW) view of the chunk from the table
 # broadcast to every row: torch's CPU gather then splits the rows across its threads, where a 1-D

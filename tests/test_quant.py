@@ -3,7 +3,6 @@
 Format-level results must be bit-identical to bitsandbytes (torch.equal); layer outputs are
 compared with tolerances measured on the reference, explained where they are used.
 """
-
 import pytest
 import torch
 import torch.nn.functional as F
