@@ -67,12 +67,13 @@ def parse_args(argv=None):
     g.add_argument("--prompt-init-text", default="Classify if the sentiment of this review is positive or negative:",
                    help="prompt tuning: text for --prompt-init text")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the train split")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the train split (as many as transformers' Trainer makes by default)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: lora 5e-3 for seq-cls, else 1e-3; prompt 3e-2; none 5e-5)")
+                   help="peak learning rate (default: lora 1e-3, or for seq-cls 5e-3 up to 64 optimizer steps and "
+                        "5e-3 * (64 / steps)^(1/3) beyond; prompt 3e-2; none 5e-5)")
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear", help="decay after warmup")
     g.add_argument("--warmup", type=float, default=0.06, help="warmup: a fraction of the steps if < 1, else a step count")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
@@ -178,6 +179,20 @@ def count_targets(batch, task):
 
 
 # ---- schedule and checkpoints ------------------------------------------------------------------------
+
+def default_lr(method, task, total_steps):
+    """The peak learning rate when --lr is not given.
+
+    LoRA on a classifier also trains a fresh head (and BERT's pooler): a short run needs large steps to
+    move it at all (5e-3), while a long run ends better with smaller ones, so past 64 optimizer steps
+    the rate shrinks as steps^(-1/3): 3.1e-3 at 265 steps, 2.2e-3 at 800. Measured with minilm-l6 on
+    rotten_tomatoes (README); that the best rate falls as training gets longer is what Bjorck et al.
+    2025 ("Scaling Optimal LR Across Token Horizons", arXiv:2409.19913) found for pretraining.
+    """
+    if method == "lora" and task == "seq-cls":
+        return 5e-3 * min(1.0, 64 / total_steps) ** (1 / 3)
+    return {"lora": 1e-3, "prompt": 3e-2, "none": 5e-5}[method]
+
 
 def lr_lambda(schedule, warmup_steps, total_steps):
     def factor(step):
@@ -319,8 +334,6 @@ def main(argv=None):
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
-    if args.lr is None:
-        args.lr = {"lora": 5e-3 if task == "seq-cls" else 1e-3, "prompt": 3e-2, "none": 5e-5}[args.method]
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
     if metric not in HIGHER_IS_BETTER:
         raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")
@@ -351,10 +364,14 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
     batches_per_epoch = len(micro_batches(len(train_set), args.batch_size, world, args.seed, 0))
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
+    if args.lr is None:
+        args.lr = default_lr(args.method, task, total_steps)
+    if is_main:
+        print(f"{total_steps} optimizer steps, peak learning rate {args.lr:.3g}")
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
     if args.resume:

@@ -224,6 +224,21 @@ def test_shared_eval_and_test_split_is_evaluated_once(tiny, tmp_path, monkeypatc
         assert after[key] == pytest.approx(fresh[key], abs=1e-6), key
 
 
+def test_default_learning_rate_follows_the_run_length(tiny, tmp_path):
+    """LoRA on a classifier: 5e-3 up to 64 optimizer steps, then 5e-3 * (64 / steps)^(1/3); other methods and
+    tasks a fixed rate. A run without --lr peaks at that rate (its log's largest lr)."""
+    assert train.default_lr("lora", "seq-cls", 64) == 5e-3
+    assert train.default_lr("lora", "seq-cls", 512) == pytest.approx(2.5e-3)  # (64 / 512)^(1/3) = 1/2
+    assert train.default_lr("lora", "causal-lm", 512) == 1e-3
+    assert train.default_lr("none", "seq-cls", 512) == 5e-5
+    dataset = keyword_dataset(tmp_path / "data", n_train=16, n_eval=8)
+    for steps, peak in ((20, 5e-3), (216, 5e-3 * 2 / 3)):  # (64 / 216)^(1/3) = 2/3
+        out = tmp_path / f"steps{steps}"
+        run(tiny.folder("distilbert", "base"), dataset, out, "--max-steps", steps, "--batch-size", 8)
+        assert max(row["lr"] for row in log_rows(out)) == pytest.approx(peak, rel=1e-9)
+        assert json.loads((out / "args.json").read_text())["lr"] == pytest.approx(peak, rel=1e-9)
+
+
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "x", "--method", "prompt", "--save-merged"])
