@@ -10,11 +10,17 @@
    every position, models/fused.py) and, for peft, transformers' loss from `labels=`. Models with
    dropout in their config also get a row with the base model's dropout off, which is what the
    eval-mode floor leaves out. The process runs under quant.allocator.keep_freed_memory(), as
-   train.py does without --quant; both sides share it.
+   train.py does without --quant; both sides share it. peft is also timed as running it gives:
+   in a fresh process under glibc's default allocator (a child of this script), against its own
+   floor there; its step is scaled to this process by the two floors (machine speed drifts between
+   processes), which gives the "peft as run" row.
 2. Inference latency of the base model, unmerged LoRA and merged LoRA, for ours and peft:
    overhead = unmerged / base - 1 (target: <= 5 % for ours), merged / base (target: 1.00 within noise).
 """
 import argparse
+import json
+import subprocess
+import sys
 
 import peft
 import torch
@@ -40,12 +46,59 @@ def randomize_b(model):
                 p.normal_(std=0.01)
 
 
+def peft_model(folder, auto, peft_task, targets, rank):
+    """(peft LoRA model with random B, the frozen transformers base in eval mode)."""
+    hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    hf_base = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(task_type=peft_task, r=rank, lora_alpha=2 * rank,
+                                                      target_modules=targets))
+    randomize_b(theirs)
+    return theirs, hf_base
+
+
+def inputs(task, B, T):
+    torch.manual_seed(0)
+    ids = torch.randint(100, 1000, (B, T))
+    return ids, torch.ones_like(ids), torch.randint(0, 2, (B,)) if task == "seq-cls" else ids
+
+
+def training_step(model, optimizer, loss, train=True):
+    model.train(train)
+    loss(model).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+def no_grad_forward(model, call):
+    with torch.no_grad():
+        call(model.eval())
+
+
+def peft_fns(theirs, hf_base, ids, mask, labels):
+    """peft's training step and the no-grad forward of the transformers base: {"peft": fn, "peft_floor": fn}."""
+    optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5)
+    return {"peft": lambda: training_step(theirs, optimizer, lambda m: m(input_ids=ids, attention_mask=mask,
+                                                                          labels=labels).loss),
+            "peft_floor": lambda: no_grad_forward(hf_base, lambda m: m(input_ids=ids, attention_mask=mask))}
+
+
+def peft_as_run(name, repeats, rank):
+    """This script's child (--peft-as-run NAME): peft's step and its floor in a fresh process left at glibc's
+    default allocator; prints {"peft": s, "peft_floor": s}."""
+    _, task, auto, peft_task, targets, B, T = next(c for c in CASES if c[0] == name)
+    fns = peft_fns(*peft_model(model_dir(name), auto, peft_task, targets, rank), *inputs(task, B, T))
+    print(json.dumps(interleaved(fns, repeats=repeats)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--peft-as-run", metavar="NAME", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
+    if args.peft_as_run:
+        return peft_as_run(args.peft_as_run, args.repeats, args.rank)
     keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={args.rank}")
     for name, task, auto, peft_task, targets, B, T in CASES:
@@ -53,23 +106,14 @@ def main():
         if not folder.is_dir():
             print(f"{name}: skipped, not in {folder.parent}")
             continue
-        torch.manual_seed(0)
-        ids = torch.randint(100, 1000, (B, T))
-        mask = torch.ones_like(ids)
+        ids, mask, labels = inputs(task, B, T)
         base, _ = load_model(folder, task=task)
         ours, _ = load_model(folder, task=task)
         apply_lora(ours, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets))
         randomize_b(ours)
-        hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
-        hf_base = auto.from_pretrained(folder, dtype=torch.float32).eval()
-        theirs = peft.get_peft_model(hf, peft.LoraConfig(task_type=peft_task, r=args.rank, lora_alpha=2 * args.rank,
-                                                          target_modules=targets))
-        randomize_b(theirs)
+        theirs, hf_base = peft_model(folder, auto, peft_task, targets, args.rank)
 
-        optimizers = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-                      for m in (ours, theirs)}
-
-        labels = torch.randint(0, 2, (B,)) if task == "seq-cls" else ids
+        optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
 
         def our_loss(model):
             if task == "seq-cls":
@@ -77,33 +121,29 @@ def main():
             nll, n = next_token_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
             return nll / n
 
-        def step(model, loss, train=True):
-            model.train(train)
-            loss(model).backward()
-            optimizers[id(model)].step()
-            model.zero_grad(set_to_none=True)
-
-        def floor(model, call):
-            with torch.no_grad():
-                call(model.eval())
-
         fns = {
-            "ours": lambda: step(ours, our_loss),
-            "peft": lambda: step(theirs, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss),
-            "floor": lambda: floor(base, lambda m: m(ids, mask)),
-            "peft_floor": lambda: floor(hf_base, lambda m: m(input_ids=ids, attention_mask=mask)),
+            "ours": lambda: training_step(ours, optimizer, our_loss),
+            "floor": lambda: no_grad_forward(base, lambda m: m(ids, mask)),
+            **peft_fns(theirs, hf_base, ids, mask, labels),
         }
         has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())
         if has_dropout:  # eval mode switches every dropout off; gradients flow as in training
-            fns["ours, base dropout off"] = lambda: step(ours, our_loss, train=False)
+            fns["ours, base dropout off"] = lambda: training_step(ours, optimizer, our_loss, train=False)
         t = interleaved(fns, repeats=args.repeats)
+        child = subprocess.run([sys.executable, __file__, "--peft-as-run", name, "--repeats", str(args.repeats),
+                                "--rank", str(args.rank)], capture_output=True, text=True, check=True)
+        as_run = json.loads(child.stdout.splitlines()[-1])
+        t["peft as run"] = as_run["peft"] * t["peft_floor"] / as_run["peft_floor"]
         print(f"\n{name} {B}x{T}, training step (forward, loss, backward, AdamW):")
         print("| | step (ms) | no-grad forward of the base (ms) | step / (2 x forward) | throughput / peft's |")
         print("|---|---|---|---|---|")
-        rows = [("ours", "floor"), ("peft", "peft_floor")] + [("ours, base dropout off", "floor")] * has_dropout
+        rows = [("ours", "floor"), ("peft", "peft_floor"), ("peft as run", "peft_floor")]
+        rows += [("ours, base dropout off", "floor")] * has_dropout
         for key, fwd in rows:
             print(f"| {key} | {t[key] * 1e3:.0f} | {t[fwd] * 1e3:.0f} | {t[key] / (2 * t[fwd]):.2f} "
                   f"| {t['peft'] / t[key]:.2f} |")
+        print(f"ours: {t['peft as run'] / t['ours']:.2f} x the throughput of peft as run (own process, glibc's "
+              "default allocator)")
 
         ours.eval(), theirs.eval()
         ours_merged, _ = load_model(folder, task=task)
