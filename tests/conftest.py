@@ -4,6 +4,7 @@
 * Puts the repository root on sys.path so ``import models`` works without installing.
 * Every test: quant.allocator's mallopt calls are recorded in ``allocator_settings`` instead of being
   made, so train.py / eval.py run in-process leave the test process's allocator alone.
+* quiet_warnings: a fixture that silences warnings (modules that compare against peft use it).
 * Session fixtures:
     tiny          tests.tiny.Checkpoints: ``tiny(family, task) -> (folder, hf_model)``; each
                   tiny random checkpoint is written once per session (see tests/tiny.py).
@@ -11,6 +12,7 @@
 """
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -42,6 +44,14 @@ def allocator_settings(monkeypatch):
     settings = []
     monkeypatch.setattr(allocator, "_mallopt", lambda *pairs: settings.extend(pairs) or True)
     return settings
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Silence the references' warnings (peft's fan_in_fan_out notice for Conv1D, bitsandbytes' CPU notices, ...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import importlib
 import json
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -26,14 +25,8 @@ from test_train import keyword_rows, write_jsonl
 from tiny import NUM_LABELS, load_hf
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 MAX_LENGTH = 32
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def random_adapter(folder, out, seed):

@@ -10,7 +10,6 @@ bad configs and bad files fail with a clear AdapterError.
 """
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -21,9 +20,10 @@ from lora import (AdapterError, LoRALinear, LoraConfig, ModulesToSave, apply_lor
                   load_adapter, merge_adapter, merge_and_unload, save_adapter, set_adapter, trainable_parameters,
                   unmerge_adapter)
 from models import load_model
-from tiny import NUM_LABELS, load_hf, random_ids, run_ours, write_checkpoint
+from tiny import NUM_LABELS, PEFT_CASES, PEFT_TASK, load_hf, random_ids, run_ours, write_checkpoint
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 ATOL = 1e-5
 R, ALPHA = 4, 8  # rsLoRA's scale alpha / sqrt(r) = 4 differs from LoRA's alpha / r = 2
@@ -33,16 +33,6 @@ VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tru
 TARGETS = {"distilbert": ["q_lin", "v_lin", "lin2"], "gpt2": ["c_attn", "c_proj"],
            "qwen2": ["q_proj", "v_proj", "down_proj"]}
 HEADS = {"distilbert": ["pre_classifier", "classifier"], "gpt2": ["score"], "qwen2": ["score"]}
-CASES = [("distilbert", "seq-cls"), ("gpt2", "causal-lm"), ("gpt2", "seq-cls"), ("qwen2", "causal-lm"),
-         ("qwen2", "seq-cls")]
-PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's fan_in_fan_out notice for Conv1D, etc.
-        yield
 
 
 # ------------------------------------------------------------------ helpers
@@ -132,7 +122,7 @@ def trainable_names(model, prefix=""):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_logits_match_peft(tiny, family, task, variant):
     ours, ref = make_pair(tiny, family, task, variant)
     ids, mask = inputs(family)
@@ -155,7 +145,7 @@ def loss_of(logits, seed=3):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_gradients_match_peft(tiny, family, task, variant):
     ours, ref = make_pair(tiny, family, task, variant)
     randomize(ref_inner(ref), seed=2)
@@ -269,7 +259,7 @@ def read_config(folder):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_our_adapter_loads_in_peft(tiny, tmp_path, family, task, variant):
     ours, _ = make_pair(tiny, family, task, variant)
     randomize(ours)
@@ -295,7 +285,7 @@ def test_our_adapter_loads_in_peft(tiny, tmp_path, family, task, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_peft_adapter_loads_in_ours(tiny, tmp_path, family, task, variant):
     _, ref = make_pair(tiny, family, task, variant)
     randomize(ref_inner(ref), seed=4)

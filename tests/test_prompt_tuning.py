@@ -9,7 +9,6 @@ generation with a prompt is the same with and without KV cache, equals a plain t
 over [prompt; embeddings] and peft's generate; several prompts switch; disabled = the base model.
 """
 import json
-import warnings
 
 import pytest
 import torch
@@ -17,22 +16,14 @@ import torch.nn.functional as F
 
 from lora import AdapterError, PromptTuningModel, load_adapter, save_adapter
 from models import generate, load_model
-from tiny import HIDDEN, NUM_LABELS, SPECIAL_IDS, _TOKENIZER_KIND, load_hf, random_ids, run_ours
+from tiny import (HIDDEN, NUM_LABELS, PEFT_CASES, PEFT_TASK, SPECIAL_IDS, _TOKENIZER_KIND, load_hf, random_ids,
+                  run_ours)
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 ATOL = 1e-5
 N = 5
-CASES = [("distilbert", "seq-cls"), ("gpt2", "causal-lm"), ("gpt2", "seq-cls"), ("qwen2", "causal-lm"),
-         ("qwen2", "seq-cls")]
-PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ------------------------------------------------------------------ helpers
@@ -120,7 +111,7 @@ def embedding_matrix(model):
 
 
 @pytest.mark.parametrize("direction", ["ours->peft", "peft->ours"])
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_logits_and_grads_match_peft(tiny, family, task, direction):
     ref = make_ref(tiny, family, task)
     wrapper = PromptTuningModel(plain_ours(tiny, family, task)).add_prompt("default", N).eval()
@@ -201,7 +192,7 @@ def test_sample_vocab_rows_are_embedding_rows(tiny, family, task):
 # ------------------------------------------------------------------ files, both ways
 
 
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_peft_prompt_loads_in_ours(tiny, tmp_path, family, task):
     ref = make_ref(tiny, family, task)
     perturb_heads(ref, seed=2)
@@ -213,7 +204,7 @@ def test_peft_prompt_loads_in_ours(tiny, tmp_path, family, task):
     check(run_ours(wrapper.eval(), ids, mask), run_ref(ref, ids, mask, N), "peft saved -> ours loaded")
 
 
-@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("family,task", PEFT_CASES)
 def test_our_prompt_loads_in_peft(tiny, tmp_path, family, task):
     wrapper = PromptTuningModel(plain_ours(tiny, family, task)).add_prompt("default", N).eval()
     perturb_heads(wrapper, seed=3)

@@ -30,12 +30,13 @@ from models import load_model, save_model
 from models.loading import LoadError
 from quant import Linear4bit, Linear8bit, dequantize_model, int8_linear, quantize_nf4, vectorwise_quantize
 from bnb_reference import bnb_dequantize, fp32_linear4bit
-from tiny import NUM_LABELS, load_hf, random_ids, run_ours, write_checkpoint
+from tiny import NUM_LABELS, PEFT_TASK, load_hf, random_ids, run_ours, write_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 QUANTS = ("nf4", "nf4-dq", "int8")
 R, ALPHA = 4, 8
@@ -50,15 +51,7 @@ TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            # leaves targets inside modules_to_save alone); a lora/adapters.py issue, not a QLoRA one
            "bert": ["query", "value", "attention.output.dense", "intermediate.dense"]}
 HEADS = ("lm_head", "score", "classifier", "pooler")  # full-precision modules (and everything inside)
-PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 WIDE = {"gpt2": {"n_embd": 64}, "qwen2": {"hidden_size": 64, "intermediate_size": 128}}  # in_features % 64 == 0
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft's fan_in_fan_out notice, bitsandbytes' CPU notices, ...
-        yield
 
 
 # ------------------------------------------------------------------ helpers

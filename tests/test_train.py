@@ -21,7 +21,6 @@ import os
 import random
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,9 @@ import train
 from models import LoadError, load_model
 from tiny import NUM_LABELS, random_ids
 
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
+
 ROOT = Path(train.__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ------------------------------------------------------------------ helpers

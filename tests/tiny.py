@@ -76,6 +76,10 @@ TASKS = {
     "llama-tied": ("base", "causal-lm", "seq-cls"),
 }
 CASES = [(f, t) for f in FAMILIES for t in TASKS[f]]
+# the families and tasks peft is checked on (one of each layer kind: DistilBERT's Linear, GPT-2's Conv1D, Qwen2)
+PEFT_CASES = [("distilbert", "seq-cls"), ("gpt2", "causal-lm"), ("gpt2", "seq-cls"), ("qwen2", "causal-lm"),
+              ("qwen2", "seq-cls")]
+PEFT_TASK = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
