@@ -20,7 +20,7 @@ import torch
 import data
 from evaluation import classification_probabilities, evaluate, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
-from lora.adapters import AdapterError
+from lora.adapters import AdapterError, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
 from models.loading import DECODERS, read_config, resolve
 from quant.allocator import keep_freed_memory
@@ -79,6 +79,9 @@ def label_of(entry, merge):
 
 def main(argv=None):
     args = parse_args(argv)
+    for entry in args.adapters:  # all of them before the first evaluation, which may take minutes
+        if entry != "base":
+            check_adapter_folder(entry)
     torch.manual_seed(0)  # a head the checkpoint lacks is initialised the same way every run
     # freed activations are reused, quantized or not (quant/allocator.py): without gradients the peak is
     # the weights plus one layer's activations either way, and returning them to the OS made smollm2's
@@ -144,5 +147,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, AdapterError, data.DataError, FileNotFoundError) as e:
+    except (LoadError, AdapterError, data.DataError, OSError) as e:  # OSError: a file or folder (path and reason)
         sys.exit(f"error: {e}")

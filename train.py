@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 import data
 from evaluation import evaluate, next_token_nll
-from lora import LoraConfig, PromptTuningModel, apply_lora, merge_and_unload, print_trainable_parameters, save_adapter
+from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
+                  print_trainable_parameters, save_adapter)
 from models import Tokenizer, load_model, save_model
 from models.loading import DECODERS, LoadError, read_config, resolve
 from quant import dequantize_model
@@ -316,6 +317,12 @@ def add_method(args, model, tokenizer):
     return model.requires_grad_(True)
 
 
+def base_model_of(model):
+    """A context in which `model` computes as the base model it was built from: adapters, soft prompt and
+    trained head copies switched off (with --method none there is nothing to switch off)."""
+    return model.disable_adapters() if isinstance(model, PromptTuningModel) else disable_adapters(model)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world = init_distributed()
@@ -355,10 +362,14 @@ def main(argv=None):
             state = json.load(f)
     elif args.resume:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
-    if state["before"] is None:
-        state["before"] = run_eval(test_set, "eval before" if is_main else None, args.rouge)
-
+    # both before the first evaluation, so that a wrong target name or an output folder that cannot be
+    # made fails at once
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     model = add_method(args, model, tokenizer)
+    if state["before"] is None:
+        with base_model_of(model):
+            state["before"] = run_eval(test_set, "eval before" if is_main else None, args.rouge)
     if is_main:
         print_trainable_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -383,7 +394,6 @@ def main(argv=None):
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         with open(out / "args.json", "w", encoding="utf-8") as f:
             json.dump(vars(args), f, indent=2)
     log = open(out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if is_main else None
@@ -511,7 +521,7 @@ def save_output(model, tokenizer, folder, args):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, data.DataError, FileNotFoundError) as e:
+    except (LoadError, AdapterError, data.DataError, OSError) as e:  # OSError: a file or folder (path and reason)
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

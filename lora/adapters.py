@@ -336,10 +336,16 @@ def write_adapter_files(folder, config, state):
         json.dump(config, f, indent=2)
 
 
-def read_adapter_files(folder):
+def check_adapter_folder(folder):
+    """Raise AdapterError unless `folder` holds peft's two adapter files."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+
+
+def read_adapter_files(folder):
+    folder = Path(folder)
+    check_adapter_folder(folder)
     with open(folder / CONFIG_FILE, encoding="utf-8") as f:
         config = json.load(f)
     return config, load_file(str(folder / WEIGHTS_FILE))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_cli
-from lora import LoraConfig, apply_lora, save_adapter
+from lora import AdapterError, LoraConfig, apply_lora, save_adapter
 from quant import allocator
 from models import Tokenizer, load_model
 from test_qlora import reference_model
@@ -130,3 +130,11 @@ def test_help_explains_every_flag_and_states_each_default_once(cli, capsys):
         help_text = " ".join(" ".join(help_text).split())
         assert len(help_text) > 10, f"{flag}: no help text"
         assert help_text.count("(default:") <= 1 and "(default: None)" not in help_text, help_text
+
+
+def test_a_missing_adapter_fails_before_any_evaluation(setup, tmp_path, monkeypatch):
+    folder, _, dataset, adapters = setup
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before every adapter was checked"))
+    with pytest.raises(AdapterError, match=r"nowhere is not an adapter folder: it needs adapter_config.json and "
+                                           r"adapter_model.safetensors"):
+        run_eval("--model", folder, "--dataset", dataset, "--adapters", "base", adapters[0], tmp_path / "nowhere")

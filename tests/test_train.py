@@ -30,8 +30,9 @@ from safetensors.torch import load_file
 import data
 import evaluation
 import train
+from lora import AdapterError
 from models import LoadError, load_model
-from tiny import NUM_LABELS, random_ids
+from tiny import NUM_LABELS, random_ids, run_ours
 
 pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
@@ -566,6 +567,24 @@ def bad_run(tiny, tmp_path, splits, *extra, family=("bert", "base")):
 GOOD = keyword_rows(8)
 
 
+def test_wrong_target_module_fails_at_once_in_one_line(tiny, tmp_path, monkeypatch):
+    """Before the first evaluation (the adapter is added first; that evaluation runs with it switched off),
+    and from the command line as one line naming the layers that exist."""
+    dataset = keyword_dataset(tmp_path / "data")
+    folder = tiny.folder("distilbert", "base")
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("evaluated before the adapter was checked"))
+    message = ("target modules ['qury'] match no linear layer of this distilbert model; its linear layers are "
+               "named: classifier, k_lin, lin1, lin2, out_lin, pre_classifier, q_lin, v_lin")
+    with pytest.raises(AdapterError) as exc:
+        run(folder, dataset, tmp_path / "out", "--target-modules", "qury")
+    assert str(exc.value) == message
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--dataset", str(dataset),
+                           "--output-dir", str(tmp_path / "cli"), "--max-length", "32", "--target-modules", "qury"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert (proc.returncode, proc.stderr.splitlines(), proc.stdout) == (1, [f"error: {message}"], "")
+
+
 @pytest.mark.parametrize("train_rows,eval_rows,extra,message", [
     ([{"text": "a film"}] * 4, [{"text": "a film"}] * 4, ["--task", "seq-cls"],
      r"split 'train' lacks column\(s\) label needed by seq-cls; it has text"),
@@ -671,3 +690,37 @@ def test_prompt_tuning_end_to_end(tiny, tmp_path):
     trained = load_file(str(out / "best" / "trainable.safetensors"))  # the weights the adapter was saved from
     assert len(trained) == 1, f"prompt tuning should train the prompt only, got {list(trained)}"
     assert torch.equal(next(iter(trained.values())), tensors["prompt_embeddings"])
+
+
+def test_output_folder_that_cannot_be_made_fails_before_any_evaluation(tiny, tmp_path, monkeypatch):
+    dataset = keyword_dataset(tmp_path / "data")
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("evaluated before the output folder was made"))
+    with pytest.raises(FileExistsError):
+        run(tiny.folder("distilbert", "base"), dataset, tmp_path / "a-file", "--max-steps", 1)
+
+
+def test_evaluation_before_training_sees_the_base_model(tiny, tmp_path, monkeypatch):
+    """The soft prompt is added before the first evaluation (so a bad --method setting fails at once);
+    that evaluation must still score the base model: the prompt switched off."""
+    ids = random_ids("llama", 2, 6)
+    mask = torch.ones_like(ids)
+    logits = {}
+    add_method, evaluate = train.add_method, train.evaluate
+
+    def recording_add_method(args, model, tokenizer):
+        logits["base"] = run_ours(model, ids, mask)
+        model = add_method(args, model, tokenizer)
+        logits["with the prompt"] = run_ours(model, ids, mask)
+        return model
+
+    def recording_evaluate(model, *args, **kwargs):
+        logits.setdefault("first evaluation", run_ours(model, ids, mask))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "add_method", recording_add_method)
+    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    run(tiny.folder("llama", "causal-lm"), pair_dataset(tmp_path / "data", n_train=8, n_eval=4), tmp_path / "out",
+        "--method", "prompt", "--num-virtual-tokens", 4, "--max-steps", 1, "--batch-size", 4)
+    assert not torch.allclose(logits["with the prompt"], logits["base"])  # so the check below can fail
+    assert torch.equal(logits["first evaluation"], logits["base"])
