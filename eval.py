@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    for name in ("samples", "max_length", "batch_size", "max_new_tokens", "window", "num_labels"):  # None: left out
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not (args.dataset or args.predict or args.generate):
         p.error("pass --dataset, --predict or --generate")
     window = args.window or args.max_length

@@ -99,11 +99,13 @@ def parse_args(argv=None):
                    help="lora: also write the model with the adapter merged in, in full precision (a quantized "
                         "base is dequantized first, not requantized), as a plain checkpoint in <output-dir>/merged")
     args = p.parse_args(argv)
-    for name in ("rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size"):
-        if getattr(args, name) <= 0:
+    for name in ("rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
+                 "max_steps", "train_samples", "eval_samples", "lr"):  # the last four may be left out (None)
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps <= 0 or args.epochs <= 0:
-        p.error("--max-steps and --epochs must be positive")
+    for name in ("warmup", "weight_decay", "max_grad_norm", "eval_every", "early_stopping_patience", "save_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.save_merged and args.method != "lora":

@@ -138,3 +138,12 @@ def test_a_missing_adapter_fails_before_any_evaluation(setup, tmp_path, monkeypa
     with pytest.raises(AdapterError, match=r"nowhere is not an adapter folder: it needs adapter_config.json and "
                                            r"adapter_model.safetensors"):
         run_eval("--model", folder, "--dataset", dataset, "--adapters", "base", adapters[0], tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--max-length", "--batch-size", "--max-new-tokens", "--window",
+                                  "--num-labels"])
+def test_out_of_range_flags_are_usage_errors(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.parse_args(["--model", "x", "--dataset", "d", flag, "0"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {flag} must be positive, got 0")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,22 @@ def test_default_learning_rate_follows_the_run_length(tiny, tmp_path):
         run(tiny.folder("distilbert", "base"), dataset, out, "--max-steps", steps, "--batch-size", 8)
         assert max(row["lr"] for row in log_rows(out)) == pytest.approx(peak, rel=1e-9)
         assert json.loads((out / "args.json").read_text())["lr"] == pytest.approx(peak, rel=1e-9)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    *[(flag, 0, r"must be positive, got 0(\.0)?") for flag in ("--rank", "--batch-size", "--grad-accum", "--max-length",
+                                                       "--num-virtual-tokens", "--eval-batch-size", "--epochs",
+                                                       "--max-steps", "--train-samples", "--eval-samples", "--lr")],
+    *[(flag, -1, r"must be 0 or more, got -1(\.0)?") for flag in ("--warmup", "--weight-decay", "--max-grad-norm",
+                                                          "--eval-every", "--early-stopping-patience",
+                                                          "--save-every")],
+    ("--dropout", 1, r"must be in \[0, 1\), got 1.0"),
+])
+def test_out_of_range_flags_are_usage_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--model", "x", flag, str(value)])
+    assert exc.value.code == 2
+    assert re.search(f"error: {flag} {message}$", capsys.readouterr().err.strip())
 
 
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
