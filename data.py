@@ -88,12 +88,12 @@ def load_splits(dataset):
 
 
 def pick_split(splits, wanted, fallbacks):
-    for name in (wanted, *fallbacks) if wanted else fallbacks:
-        if name and name in splits:
-            return name
+    """`wanted` when given (an error if the dataset lacks it), else the first of `fallbacks` it has, else None."""
     if wanted:
-        raise DataError(f"split {wanted!r} not found; the dataset has {', '.join(splits)}")
-    return None
+        if wanted not in splits:
+            raise DataError(f"split {wanted!r} not found; the dataset has {', '.join(splits)}")
+        return wanted
+    return next((name for name in fallbacks if name and name in splits), None)
 
 
 def columns_of(rows):

@@ -33,6 +33,7 @@ import data
 from evaluation import evaluate, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
+from lora.adapters import head_names
 from models import Tokenizer, load_model, save_model
 from models.loading import DECODERS, LoadError, read_config, resolve
 from quant import dequantize_model
@@ -309,6 +310,13 @@ def build_model(args, folder, cfg, task, num_labels):
 def add_method(args, model, tokenizer):
     if args.method == "lora":
         split = lambda s: [x.strip() for x in s.split(",")] if s else None  # noqa: E731
+        # apply_lora lets a module to save match nothing (peft's files name heads of every architecture);
+        # a name typed here must match
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and not n[-1].isdigit()})
+        for name in split(args.modules_to_save) or []:
+            if not head_names(model, [name]):
+                raise AdapterError(f"--modules-to-save: {name!r} matches no module of this model; its modules are "
+                                   f"named: {', '.join(names)}")
         apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,
                                      use_dora=args.use_dora, target_modules=split(args.target_modules),
                                      modules_to_save=split(args.modules_to_save)))

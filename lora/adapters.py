@@ -165,6 +165,9 @@ def apply_lora(model, config=None, adapter_name="default"):
     # a layer inside a module that is trained in full gets no adapter (as in peft)
     chosen = [name for name in available if matches(name, targets)
               and not any((name + ".").startswith(h) for h in trained_in_full)]
+    if not chosen and any(matches(name, targets) for name in available):
+        raise AdapterError(f"target modules {targets!r} match only layers inside modules trained in full "
+                           f"(modules_to_save {list(save)!r}), which get no adapter")
     if not chosen:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in available})
         raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "

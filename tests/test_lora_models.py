@@ -409,6 +409,15 @@ def test_unknown_target_module(tiny):
     assert model.state_dict().keys() == before.keys()
 
 
+def test_targets_only_inside_modules_to_save(tiny):
+    model = plain_ours(tiny, "distilbert", "seq-cls")
+    message = (r"target modules \['q_lin'\] match only layers inside modules trained in full \(modules_to_save "
+               r"\['classifier', 'transformer'\]\), which get no adapter")
+    with pytest.raises(AdapterError, match=message):
+        apply_lora(model, LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier", "transformer"]))
+    assert not any(isinstance(m, (LoRALinear, ModulesToSave)) for m in model.modules())
+
+
 def test_unknown_target_regex(tiny):
     model = plain_ours(tiny, "qwen2", "causal-lm")
     with pytest.raises(AdapterError) as e:

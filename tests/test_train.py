@@ -652,6 +652,13 @@ def test_label_out_of_range(tiny, tmp_path, split):
         bad_run(tiny, tmp_path, splits)
 
 
+@pytest.mark.parametrize("flag", ["--eval-split", "--test-split"])
+def test_a_named_split_the_dataset_lacks_is_an_error(tiny, tmp_path, flag):
+    """Not a silent fallback to another split."""
+    with pytest.raises(data.DataError, match="split 'dev' not found; the dataset has test, train, validation"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD, "test": GOOD}, flag, "dev")
+
+
 def test_label_words_must_match_labels(tiny, tmp_path):
     with pytest.raises(data.DataError, match=r"--label-words gives 3 words for 2 labels \[0, 1\]"):
         bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
@@ -707,6 +714,13 @@ def test_prompt_tuning_end_to_end(tiny, tmp_path):
     trained = load_file(str(out / "best" / "trainable.safetensors"))  # the weights the adapter was saved from
     assert len(trained) == 1, f"prompt tuning should train the prompt only, got {list(trained)}"
     assert torch.equal(next(iter(trained.values())), tensors["prompt_embeddings"])
+
+
+def test_a_module_to_save_that_matches_nothing_is_an_error(tiny, tmp_path):
+    with pytest.raises(AdapterError, match=r"--modules-to-save: 'clasifier' matches no module of this model; its "
+                                           r"modules are named: .*classifier, .*q_lin"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--modules-to-save", "classifier,clasifier",
+                family=("distilbert", "base"))
 
 
 def test_output_folder_that_cannot_be_made_fails_before_any_evaluation(tiny, tmp_path, monkeypatch):
