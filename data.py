@@ -154,10 +154,11 @@ def label_names(rows_by_split):
 
 def label_ids(rows, names, split):
     index = {name: i for i, name in enumerate(names)}
+    by_name = any(isinstance(name, str) for name in names)  # label_names: ids only when every label is an int
     ids = []
     for number, row in enumerate(rows):
         label = row["label"]
-        key = label if isinstance(label, int) else str(label)
+        key = str(label) if by_name or not isinstance(label, int) else label
         if key not in index:
             raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
                             f"(expected one of {names})")

@@ -652,6 +652,15 @@ def test_label_out_of_range(tiny, tmp_path, split):
         bad_run(tiny, tmp_path, splits)
 
 
+def test_labels_that_are_not_all_ints_are_names():
+    """One non-int label makes every label a name, the ints included (0 and "0" are the same class)."""
+    rows = [{"label": 1.5}, {"label": 0}, {"label": "pos"}, {"label": 1.5}]
+    names = data.label_names([rows])
+    assert names == ["0", "1.5", "pos"]
+    assert data.label_ids(rows, names, "train") == [1, 0, 2, 1]
+    assert data.label_ids([{"label": 1}, {"label": 0}], data.label_names([[{"label": 1}, {"label": 0}]]), "x") == [1, 0]
+
+
 @pytest.mark.parametrize("flag", ["--eval-split", "--test-split"])
 def test_a_named_split_the_dataset_lacks_is_an_error(tiny, tmp_path, flag):
     """Not a silent fallback to another split."""
