@@ -105,9 +105,11 @@ class _QuantizedLinear(nn.Module):
             layer.bias.data = bias.to(compute_dtype, copy=True)  # never a view of the caller's memory
         return layer
 
-    def _check_weight_shape(self, weight: torch.Tensor) -> None:
+    def _check_weight(self, weight: torch.Tensor) -> None:
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"expected a ({self.out_features}, {self.in_features}) weight, got {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():  # a block or row scale would be NaN / inf and its codes garbage
+            raise ValueError("cannot quantize a weight that holds NaN or inf")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = _QuantizedMatmul.apply(x.to(self.compute_dtype), self)  # (..., out)
@@ -139,7 +141,7 @@ class Linear4bit(_QuantizedLinear):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the NF4 quantization of `weight` (out, in)."""
-        self._check_weight_shape(weight)
+        self._check_weight(weight)
         if self.backend == "bnb":
             packed, state = _bnb_quantize_4bit(weight, self.blocksize, self.double_quant)
         else:
@@ -192,7 +194,7 @@ class Linear8bit(_QuantizedLinear):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the vector-wise int8 quantization of `weight` (out, in)."""
-        self._check_weight_shape(weight)
+        self._check_weight(weight)
         if self.backend == "bnb":
             import bitsandbytes.functional as bnb_functional
 

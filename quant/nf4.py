@@ -96,7 +96,7 @@ MIDPOINT_IN_CELL = torch.full((NF4_CELLS,), float("inf")).index_put_((_cell_of_m
 
 def nearest_nf4_level(scaled: torch.Tensor) -> torch.Tensor:
     """The NF4 code of each value of `scaled` (in [-1, 1]): midpoints strictly below it. uint8, flat."""
-    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(max=NF4_CELLS - 1).view(-1)
+    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(0, NF4_CELLS - 1).view(-1)  # 0: NaN
     below, midpoint = MIDPOINTS_BELOW_CELL.to(scaled.device), MIDPOINT_IN_CELL.to(scaled.device)
     return below[cell].add_(scaled.reshape(-1) > midpoint[cell])
 
@@ -187,6 +187,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         chunk_bytes = packed[first * blocksize // 2: last * blocksize // 2].view(-1, blocksize // 2)
         torch.bitwise_or(codes[:, 0::2] << 4, codes[:, 1::2], out=chunk_bytes)
 
+    if not torch.isfinite(absmax).all():  # amax keeps a NaN; the codes of such a block are meaningless
+        raise ValueError("NF4 quantization needs finite weights; this one holds NaN or inf")
     state = NF4State(absmax, weight.shape, weight.dtype, blocksize)
     if double_quant:
         state.offset = absmax.mean()

@@ -151,6 +151,20 @@ def test_nf4_bad_inputs():
         Linear4bit.from_linear(nn.Linear(10, 3))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(bad):
+    w = torch.randn(64, 128)
+    w[3, 70] = bad  # the second block of row 3
+    with pytest.raises(ValueError, match="NF4 quantization needs finite weights"):
+        quantize_nf4(w)
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    for cls in (Linear4bit, Linear8bit):
+        with pytest.raises(ValueError, match="cannot quantize a weight that holds NaN or inf"):
+            cls.from_linear(linear)
+
+
 # ---- LLM.int8() ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
