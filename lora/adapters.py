@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layer import LoRALinear
+from .layer import LoRALinear, is_linear_base
 
 DEFAULT_TARGETS = {  # peft's defaults, and DistilBERT's (peft has none)
     "distilbert": ["q_lin", "v_lin"],
@@ -57,11 +57,12 @@ class LoraConfig:
             raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise AdapterError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
 
 def is_linear(module):
-    return isinstance(module, (nn.Linear, LoRALinear)) or type(module).__name__ == "Conv1D" \
-        or hasattr(module, "dequantized_weight")
+    return isinstance(module, LoRALinear) or is_linear_base(module)
 
 
 class ModulesToSave(nn.Module):
@@ -190,8 +191,11 @@ def apply_lora(model, config=None, adapter_name="default"):
 
 
 def _check_adapter(model, name):
-    if name not in getattr(model, "peft_config", {}):
-        raise AdapterError(f"no adapter named {name!r}; the model has {list(getattr(model, 'peft_config', {}))}")
+    names = list(getattr(model, "peft_config", {}))
+    if not names:
+        raise AdapterError("the model has no adapter (add one with apply_lora or load_adapter)")
+    if name not in names:
+        raise AdapterError(f"no adapter named {name!r}; the model has {names}")
 
 
 def set_adapter(model, name):
@@ -313,7 +317,7 @@ def save_adapter(model, folder, adapter_name=None):
     """Write adapter_config.json and adapter_model.safetensors (peft's layout) for one adapter."""
     if hasattr(model, "prompt_embeddings"):
         return model.save(folder, adapter_name)
-    adapter_name = adapter_name or model.active_adapter
+    adapter_name = adapter_name or getattr(model, "active_adapter", None)
     _check_adapter(model, adapter_name)
     config = model.peft_config[adapter_name]
     head_names = [name for name, _ in heads(model)]

@@ -70,6 +70,11 @@ class DoRAMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
+def is_linear_base(module: nn.Module) -> bool:
+    """Whether LoRALinear can wrap `module`: nn.Linear, GPT-2's Conv1D or a quantized linear."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or hasattr(module, "dequantized_weight")
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus named LoRA/DoRA adapters; `active_adapters` are applied in forward.
 
@@ -80,6 +85,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
+        if not is_linear_base(base_layer):
+            raise TypeError(f"LoRALinear wraps nn.Linear, GPT-2's Conv1D or a quantized linear, got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer.requires_grad_(False)
         self.out_features, self.in_features = self._base_weight().shape
         self.lora_A = nn.ModuleDict()

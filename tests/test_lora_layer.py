@@ -255,6 +255,13 @@ def test_non_positive_rank_raises(rank):
     assert "x" not in layer.lora_A
 
 
+@pytest.mark.parametrize("base", [nn.Conv2d(2, 2, 1), nn.Embedding(4, 4), nn.LayerNorm(4)])
+def test_only_linear_layers_can_be_wrapped(base):
+    with pytest.raises(TypeError, match=f"LoRALinear wraps nn.Linear, GPT-2's Conv1D or a quantized linear, got "
+                                        f"{type(base).__name__}"):
+        LoRALinear(base)
+
+
 class FakeQuantLinear(nn.Module):
     """Stands in for a quantized linear: stores its weight opaquely, exposes the merge hooks."""
 

@@ -418,6 +418,18 @@ def test_targets_only_inside_modules_to_save(tiny):
     assert not any(isinstance(m, (LoRALinear, ModulesToSave)) for m in model.modules())
 
 
+def test_config_and_adapter_calls_on_a_model_without_adapters(tiny, tmp_path):
+    with pytest.raises(AdapterError, match="LoRA init must be 'kaiming' or 'gaussian', got 'pissa'"):
+        LoraConfig(init="pissa")
+    model = plain_ours(tiny, "gpt2", "causal-lm")
+    message = r"^the model has no adapter \(add one with apply_lora or load_adapter\)$"
+    for call in (lambda: save_adapter(model, tmp_path / "adapter"), lambda: set_adapter(model, "default"),
+                 lambda: delete_adapter(model, "default")):
+        with pytest.raises(AdapterError, match=message):
+            call()
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_unknown_target_regex(tiny):
     model = plain_ours(tiny, "qwen2", "causal-lm")
     with pytest.raises(AdapterError) as e:
