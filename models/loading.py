@@ -180,9 +180,9 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
     if task not in TASKS:
         raise LoadError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise LoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise LoadError(f"unsupported dtype {dtype!r}; use float32, bfloat16, float16 or float64")
     folder = resolve(name_or_path, cache_dir)
     cfg = read_config(folder)
     family = FAMILIES[cfg["model_type"]]

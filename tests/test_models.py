@@ -408,6 +408,13 @@ def one_line_error(excinfo):
     return msg
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, "int8", "complex64", "nonsense"])
+def test_a_dtype_that_is_not_a_float_type_is_refused(tiny, dtype):
+    with pytest.raises(LoadError) as e:
+        load_model(str(tiny.folder("gpt2", "causal-lm")), task="causal-lm", dtype=dtype)
+    assert one_line_error(e).startswith("unsupported dtype") and "use float32, bfloat16, float16 or float64" in str(e.value)
+
+
 def test_hub_is_offline():
     import huggingface_hub.constants as c
 
