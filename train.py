@@ -312,9 +312,9 @@ def add_method(args, model, tokenizer):
         split = lambda s: [x.strip() for x in s.split(",")] if s else None  # noqa: E731
         # apply_lora lets a module to save match nothing (peft's files name heads of every architecture);
         # a name typed here must match
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and not n[-1].isdigit()})
         for name in split(args.modules_to_save) or []:
             if not head_names(model, [name]):
+                names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and not n[-1].isdigit()})
                 raise AdapterError(f"--modules-to-save: {name!r} matches no module of this model; its modules are "
                                    f"named: {', '.join(names)}")
         apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,

@@ -96,7 +96,7 @@ MIDPOINT_IN_CELL = torch.full((NF4_CELLS,), float("inf")).index_put_((_cell_of_m
 
 def nearest_nf4_level(scaled: torch.Tensor) -> torch.Tensor:
     """The NF4 code of each value of `scaled` (in [-1, 1]): midpoints strictly below it. uint8, flat."""
-    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(0, NF4_CELLS - 1).view(-1)  # 0: NaN
+    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(0, NF4_CELLS - 1).view(-1)  # 0: a NaN casts to INT_MIN
     below, midpoint = MIDPOINTS_BELOW_CELL.to(scaled.device), MIDPOINT_IN_CELL.to(scaled.device)
     return below[cell].add_(scaled.reshape(-1) > midpoint[cell])
 
