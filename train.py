@@ -248,6 +248,14 @@ def set_rng_state(rng):
 def load_trainable(model, path):
     state = load_file(str(path))
     params = dict(model.named_parameters())
+    trained = {name for name, p in params.items() if p.requires_grad}
+    misfit = ([f"it lacks {name}" for name in sorted(trained - set(state))]
+              + [f"it holds {name}, which this run does not train" for name in sorted(set(state) - trained)]
+              + [f"{name} is {tuple(v.shape)} there and {tuple(params[name].shape)} here"
+                 for name, v in state.items() if name in trained and v.shape != params[name].shape])
+    if misfit:  # --resume with other settings than the interrupted run's (a rank, targets, method)
+        raise LoadError(f"{path} does not fit this run: {misfit[0]}" + (f" (and {len(misfit) - 1} more)" if
+                        len(misfit) > 1 else "") + "; resume with the settings in the run's args.json")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -377,6 +377,20 @@ def test_resume_from_periodic_checkpoint_after_crash(tiny, tmp_path, monkeypatch
                  exc=RuntimeError)
 
 
+def test_resume_with_other_settings_is_an_error(tiny, tmp_path):
+    folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
+    run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4, "--rank", 4)
+    checkpoint = out / "checkpoint" / "trainable.safetensors"
+    message = (rf"^{re.escape(str(checkpoint))} does not fit this run: .*lora_A\.default\.weight is \(4, 32\) there "
+               r"and \(2, 32\) here \(and \d+ more\); resume with the settings in the run's args\.json$")
+    with pytest.raises(LoadError, match=message):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--rank", 2, "--resume")
+    with pytest.raises(LoadError, match=r"does not fit this run: it holds .*v_lin\.lora_A\.default\.weight, which "
+                                        r"this run does not train"):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--rank", 4, "--target-modules", "q_lin",
+            "--resume")
+
+
 def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
     dataset = keyword_dataset(tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
