@@ -335,12 +335,6 @@ def add_method(args, model, tokenizer):
     return model.requires_grad_(True)
 
 
-def base_model_of(model):
-    """A context in which `model` computes as the base model it was built from: adapters, soft prompt and
-    trained head copies switched off (with --method none there is nothing to switch off)."""
-    return model.disable_adapters() if isinstance(model, PromptTuningModel) else disable_adapters(model)
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world = init_distributed()
@@ -386,7 +380,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     model = add_method(args, model, tokenizer)
     if state["before"] is None:
-        with base_model_of(model):
+        with disable_adapters(model):  # the base model (with --method none there is nothing to switch off)
             state["before"] = run_eval(test_set, "eval before" if is_main else None, args.rouge)
     if is_main:
         print_trainable_parameters(model)

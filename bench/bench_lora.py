@@ -130,8 +130,9 @@ def main():
         if has_dropout:  # eval mode switches every dropout off; gradients flow as in training
             fns["ours, base dropout off"] = lambda: training_step(ours, optimizer, our_loss, train=False)
         t = interleaved(fns, repeats=args.repeats)
+        # stderr is not captured, so the child's errors reach the terminal
         child = subprocess.run([sys.executable, __file__, "--peft-as-run", name, "--repeats", str(args.repeats),
-                                "--rank", str(args.rank)], stdout=subprocess.PIPE, text=True, check=True)  # its errors show
+                                "--rank", str(args.rank)], stdout=subprocess.PIPE, text=True, check=True)
         as_run = json.loads(child.stdout.splitlines()[-1])
         t["peft as run"] = as_run["peft"] * t["peft_floor"] / as_run["peft_floor"]
         print(f"\n{name} {B}x{T}, training step (forward, loss, backward, AdamW):")

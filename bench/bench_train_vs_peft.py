@@ -92,7 +92,8 @@ import train
 c = {case!r}
 argv = ["--model", {folder!r}, "--dataset", {dataset!r}, "--task", c["task"], "--train-samples", str(c["n_train"]),
         "--eval-samples", str(c["n_eval"]), "--max-length", str(c["tokens"]), "--batch-size", str(c["batch"]),
-        "--epochs", "1", "--lr", str(c["lr"]), "--seed", "0", "--target-modules", ",".join(c["targets"]), "--output-dir", {out!r}]
+        "--epochs", "1", "--lr", str(c["lr"]), "--seed", "0", "--target-modules", ",".join(c["targets"]),
+        "--output-dir", {out!r}]
 if c["modules_to_save"]:
     argv += ["--modules-to-save", ",".join(c["modules_to_save"])]
 after = train.main(argv)

@@ -210,7 +210,11 @@ def set_adapter(model, name):
 
 @contextmanager
 def disable_adapters(model):
-    """Within the block the model is the base model: no adapter, original heads."""
+    """Within the block the model is the base model: no adapter or soft prompt, original heads."""
+    if hasattr(model, "prompt_embeddings"):  # a PromptTuningModel switches itself off (as save_adapter saves)
+        with model.disable_adapters():
+            yield model
+        return
     with ExitStack() as stack:
         for _, layer in lora_layers(model):
             stack.enter_context(layer.disable_adapters())

@@ -96,7 +96,8 @@ MIDPOINT_IN_CELL = torch.full((NF4_CELLS,), float("inf")).index_put_((_cell_of_m
 
 def nearest_nf4_level(scaled: torch.Tensor) -> torch.Tensor:
     """The NF4 code of each value of `scaled` (in [-1, 1]): midpoints strictly below it. uint8, flat."""
-    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(0, NF4_CELLS - 1).view(-1)  # 0: a NaN casts to INT_MIN
+    # clamped at 0 too: a NaN casts to INT_MIN (quantize_nf4 then refuses the weight)
+    cell = scaled.add(1.0).mul_(NF4_CELLS / 2).to(torch.int32).clamp_(0, NF4_CELLS - 1).view(-1)
     below, midpoint = MIDPOINTS_BELOW_CELL.to(scaled.device), MIDPOINT_IN_CELL.to(scaled.device)
     return below[cell].add_(scaled.reshape(-1) > midpoint[cell])
 

@@ -235,13 +235,15 @@ def test_default_learning_rate_follows_the_run_length(tiny, tmp_path):
         assert json.loads((out / "args.json").read_text())["lr"] == pytest.approx(peak, rel=1e-9)
 
 
+POSITIVE_FLAGS = ("--rank", "--batch-size", "--grad-accum", "--max-length", "--num-virtual-tokens", "--eval-batch-size",
+                  "--epochs", "--max-steps", "--train-samples", "--eval-samples", "--lr")
+NON_NEGATIVE_FLAGS = ("--warmup", "--weight-decay", "--max-grad-norm", "--eval-every", "--early-stopping-patience",
+                      "--save-every")
+
+
 @pytest.mark.parametrize("flag,value,message", [
-    *[(flag, 0, r"must be positive, got 0(\.0)?") for flag in ("--rank", "--batch-size", "--grad-accum", "--max-length",
-                                                       "--num-virtual-tokens", "--eval-batch-size", "--epochs",
-                                                       "--max-steps", "--train-samples", "--eval-samples", "--lr")],
-    *[(flag, -1, r"must be 0 or more, got -1(\.0)?") for flag in ("--warmup", "--weight-decay", "--max-grad-norm",
-                                                          "--eval-every", "--early-stopping-patience",
-                                                          "--save-every")],
+    *[(flag, 0, r"must be positive, got 0(\.0)?") for flag in POSITIVE_FLAGS],
+    *[(flag, -1, r"must be 0 or more, got -1(\.0)?") for flag in NON_NEGATIVE_FLAGS],
     ("--dropout", 1, r"must be in \[0, 1\), got 1.0"),
 ])
 def test_out_of_range_flags_are_usage_errors(flag, value, message, capsys):
@@ -672,7 +674,8 @@ def test_labels_that_are_not_all_ints_are_names():
     names = data.label_names([rows])
     assert names == ["0", "1.5", "pos"]
     assert data.label_ids(rows, names, "train") == [1, 0, 2, 1]
-    assert data.label_ids([{"label": 1}, {"label": 0}], data.label_names([[{"label": 1}, {"label": 0}]]), "x") == [1, 0]
+    ints = [{"label": 1}, {"label": 0}]
+    assert data.label_names([ints]) == [0, 1] and data.label_ids(ints, [0, 1], "train") == [1, 0]
 
 
 @pytest.mark.parametrize("flag", ["--eval-split", "--test-split"])
