@@ -60,7 +60,8 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     g.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scale alpha / r)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
-    g.add_argument("--target-modules", default=None, help="comma-separated module names (default: the architecture's)")
+    g.add_argument("--target-modules", default=None, help="comma-separated module names, or all-linear (every "
+                   "linear layer but the output layer, as peft's shorthand) (default: the architecture's)")
     g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full (default: the classifier head)")
     g.add_argument("--use-rslora", action="store_true", help="scale alpha / sqrt(r)")
     g.add_argument("--use-dora", action="store_true", help="weight-decomposed LoRA")
@@ -325,8 +326,9 @@ def add_method(args, model, tokenizer):
                 names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and not n[-1].isdigit()})
                 raise AdapterError(f"--modules-to-save: {name!r} matches no module of this model; its modules are "
                                    f"named: {', '.join(names)}")
+        targets = "all-linear" if args.target_modules == "all-linear" else split(args.target_modules)
         apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,
-                                     use_dora=args.use_dora, target_modules=split(args.target_modules),
+                                     use_dora=args.use_dora, target_modules=targets,
                                      modules_to_save=split(args.modules_to_save)))
         return model
     if args.method == "prompt":

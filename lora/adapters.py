@@ -4,7 +4,8 @@ apply_lora(model, LoraConfig(...)) replaces every target linear layer by a LoRAL
 (lora/layer.py holds the math) and freezes everything except the adapter and the modules to save
 (the classification head, which a new task needs to train). Targets are matched by name as peft
 does: a list entry matches a module whose name equals it or ends with "." + it; a string is a regex
-that must match the whole name.
+that must match the whole name, except "all-linear": every linear layer but the output layer (the LM
+head, or a classifier's final layer), as peft's shorthand.
 
 Several adapters live in one model under their names; one is active at a time. Files:
     adapter_config.json          peft's LoraConfig fields (peft_type "LORA")
@@ -45,7 +46,7 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    target_modules: list | str | None = None  # None: the architecture's default (DEFAULT_TARGETS)
+    target_modules: list | str | None = None  # None: the architecture's default (DEFAULT_TARGETS); or "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "kaiming"  # or "gaussian"
@@ -117,6 +118,13 @@ def matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def all_linear(model):
+    """Names of every linear layer except the output layer, which peft's "all-linear" leaves out: the LM
+    head, or else a seq-cls model's final layer (peft looks for `score`, then `classifier`)."""
+    output = next((getattr(model, n) for n in ("lm_head", "score", "classifier") if hasattr(model, n)), None)
+    return [name for name in linear_layer_names(model) if model.get_submodule(name) is not output]
+
+
 def default_heads(model):
     """The modules a seq-cls model trains in full: its head, and BERT's pooler.
 
@@ -158,6 +166,8 @@ def apply_lora(model, config=None, adapter_name="default"):
     if adapter_name in registry:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
     targets = config.target_modules or DEFAULT_TARGETS.get(model_type(model))
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = all_linear(model)  # saved as the full names, as peft saves them
     if not targets:
         raise AdapterError(f"no default target modules for model type {model_type(model)!r}; pass target_modules")
     save = default_heads(model) if config.modules_to_save is None else config.modules_to_save

@@ -561,3 +561,29 @@ def test_targets_inside_a_module_to_save_get_no_adapter_and_reload(tiny, tmp_pat
     fresh = load_adapter(load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0], tmp_path)
     ids = random_ids("bert", 2, 7)
     torch.testing.assert_close(fresh(ids), model.eval()(ids), atol=1e-6, rtol=0)
+
+
+ALL_LINEAR_CASES = [("distilbert", "seq-cls"), ("bert", "seq-cls"), ("gpt2", "causal-lm"), ("gpt2", "seq-cls"),
+                    ("qwen2", "causal-lm"), ("llama-tied", "causal-lm"), ("llama", "seq-cls")]
+
+
+@pytest.mark.parametrize("family,task", ALL_LINEAR_CASES)
+def test_all_linear_targets_match_peft(tiny, tmp_path, family, task):
+    """target_modules="all-linear" wraps the layers peft's shorthand wraps (all linear layers but the LM head
+    or the classifier, none inside a module trained in full); the saved adapter loads in peft."""
+    ours = apply_lora(plain_ours(tiny, family, task), LoraConfig(r=R, alpha=ALPHA, target_modules="all-linear"))
+    heads = ours.peft_config["default"].modules_to_save
+    ref = peft.get_peft_model(plain_hf(tiny, family, task),
+                              peft.LoraConfig(task_type=PEFT_TASK[task], r=R, lora_alpha=ALPHA,
+                                              target_modules="all-linear", modules_to_save=heads or None))
+    wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, LoRALinear))
+    ref_wrapped = sorted(n[len(PEFT_PREFIX):] for n, m in ref.named_modules()
+                         if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert len(wrapped) > 4 and wrapped == ref_wrapped
+    randomize(ours)
+    save_adapter(ours, tmp_path)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    assert sorted(read_config(tmp_path)["target_modules"]) == sorted(read_config(tmp_path / "peft")["target_modules"])
+    loaded = peft.PeftModel.from_pretrained(plain_hf(tiny, family, task), str(tmp_path)).eval()
+    ids, mask = inputs(family)
+    check_logits(run_ours(ours.eval(), ids, mask), run_ref(loaded, ids, mask), "all-linear, ours saved -> peft")

@@ -781,3 +781,14 @@ def test_evaluation_before_training_sees_the_base_model(tiny, tmp_path, monkeypa
         "--method", "prompt", "--num-virtual-tokens", 4, "--max-steps", 1, "--batch-size", 4)
     assert not torch.allclose(logits["with the prompt"], logits["base"])  # so the check below can fail
     assert torch.equal(logits["first evaluation"], logits["base"])
+
+
+def test_all_linear_targets(tiny, tmp_path):
+    """--target-modules all-linear: an adapter on every linear layer of the decoder, none on the LM head."""
+    folder, dataset, out = tiny.folder("gpt2", "causal-lm"), pair_dataset(tmp_path / "data", 8, 4), tmp_path / "out"
+    run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4, "--target-modules", "all-linear")
+    config, tensors = assert_adapter_folder(out / "adapter")
+    layers = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in tensors if "lora_A" in k}
+    expected = {f"transformer.h.{i}.{name}" for i in range(2)
+                for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert layers == expected and sorted(config["target_modules"]) == sorted(expected)
