@@ -5,13 +5,16 @@ apply_lora(model, LoraConfig(...)) replaces every target linear layer by a LoRAL
 (the classification head, which a new task needs to train). Targets are matched by name as peft
 does: a list entry matches a module whose name equals it or ends with "." + it; a string is a regex
 that must match the whole name, except "all-linear": every linear layer but the output layer (the LM
-head, or a classifier's final layer), as peft's shorthand.
+head, or a classifier's final layer), as peft's shorthand. exclude_modules (names or a regex) and
+layers_to_transform (layer indices, found after layers_pattern) narrow the choice, also as in peft.
 
 Several adapters live in one model under their names; one is active at a time. Files:
     adapter_config.json          peft's LoraConfig fields (peft_type "LORA")
     adapter_model.safetensors    base_model.model.<path>.lora_A.weight, ...lora_B.weight,
                                  ...lora_magnitude_vector (DoRA), base_model.model.<head>.weight
 so `peft.PeftModel.from_pretrained(transformers_model, folder)` loads what we save and the reverse.
+A peft file with an option that changes the adapter's tensors or math beyond this (rank_pattern,
+lora_bias, an initialisation that rewrites the base weights such as PiSSA, ...) is refused by name.
 """
 import copy
 import json
@@ -51,6 +54,9 @@ class LoraConfig:
     use_dora: bool = False
     init: str = "kaiming"  # or "gaussian"
     modules_to_save: list | None = None  # None: the classification head of a seq-cls model
+    exclude_modules: list | str | None = None  # layers that match target_modules but get no adapter
+    layers_to_transform: int | list | None = None  # only these layer indices (with a list of targets)
+    layers_pattern: str | list | None = None  # the name before the layer index ("layers", "h"); None: any
     extra: dict = field(default_factory=dict, repr=False)  # fields of a loaded peft config we carry along
 
     def __post_init__(self):
@@ -58,6 +64,10 @@ class LoraConfig:
             raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        layers = self.layers_to_transform
+        if not (layers is None or type(layers) is int
+                or (isinstance(layers, list) and all(type(i) is int for i in layers))):
+            raise AdapterError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise AdapterError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -125,6 +135,25 @@ def all_linear(model):
     return [name for name in linear_layer_names(model) if model.get_submodule(name) is not output]
 
 
+def layer_index(name, layers_pattern):
+    """The index of the layer `name` lies in (the first numbered segment, as peft finds it), or None."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] if patterns else [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    found = next((m for m in (re.match(r, name) for r in regexes) if m), None)
+    return int(found["idx"]) if found else None
+
+
+def targeted(name, targets, config):
+    """peft's rule: never an excluded module; a regex or an exact name as given; a suffix match only
+    in the layers of layers_to_transform, when that is set."""
+    if (config.exclude_modules and matches(name, config.exclude_modules)) or not matches(name, targets):
+        return False
+    if isinstance(targets, str) or name in targets or config.layers_to_transform in (None, []):
+        return True
+    layers = config.layers_to_transform
+    return layer_index(name, config.layers_pattern) in ([layers] if isinstance(layers, int) else layers)
+
+
 def default_heads(model):
     """The modules a seq-cls model trains in full: its head, and BERT's pooler.
 
@@ -174,11 +203,15 @@ def apply_lora(model, config=None, adapter_name="default"):
     trained_in_full = [h + "." for h in head_names(model, save)] if save else []
     available = linear_layer_names(model)
     # a layer inside a module that is trained in full gets no adapter (as in peft)
-    chosen = [name for name in available if matches(name, targets)
+    chosen = [name for name in available if targeted(name, targets, config)
               and not any((name + ".").startswith(h) for h in trained_in_full)]
     if not chosen and any(matches(name, targets) for name in available):
-        raise AdapterError(f"target modules {targets!r} match only layers inside modules trained in full "
-                           f"(modules_to_save {list(save)!r}), which get no adapter")
+        reasons = [f"inside modules trained in full (modules_to_save {list(save)!r})" if save else "",
+                   f"excluded (exclude_modules {config.exclude_modules!r})" if config.exclude_modules else "",
+                   f"outside layers_to_transform {config.layers_to_transform!r}"
+                   if config.layers_to_transform not in (None, []) else ""]
+        raise AdapterError(f"target modules {targets!r} match only layers that get no adapter: those "
+                           + " or ".join(r for r in reasons if r))
     if not chosen:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in available})
         raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "
@@ -343,7 +376,8 @@ def save_adapter(model, folder, adapter_name=None):
         "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "init_lora_weights": True if config.init == "kaiming" else config.init,
         "modules_to_save": config.modules_to_save or None, "bias": "none", "inference_mode": True,
-        "fan_in_fan_out": model_type(model) == "gpt2",
+        "fan_in_fan_out": model_type(model) == "gpt2", "exclude_modules": config.exclude_modules,
+        "layers_to_transform": config.layers_to_transform, "layers_pattern": config.layers_pattern,
     }
     write_adapter_files(folder, peft_config, state)
 
@@ -372,21 +406,36 @@ def read_adapter_files(folder):
     return config, load_file(str(folder / WEIGHTS_FILE))
 
 
+# peft options that change which tensors an adapter has or what its layers compute: refused, not ignored
+UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "target_parameters", "trainable_token_indices",
+               "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+               "monteclora_config", "kasa_config", "megatron_config")
+# initialisations that also rewrite the base weights, so the adapter only fits the rewritten base
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def config_from_peft(peft):
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in UNSUPPORTED:
         if peft.get(key):
             raise AdapterError(f"adapter_config.json uses {key}, which this project does not support")
     if peft.get("bias", "none") != "none":
         raise AdapterError(f"adapter_config.json trains biases (bias={peft['bias']!r}); only 'none' is supported")
     init = peft.get("init_lora_weights", True)
-    ours = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora", "modules_to_save",
-            "init_lora_weights", "peft_type", "task_type", "base_model_name_or_path", "bias", "inference_mode",
-            "fan_in_fan_out"}
-    return LoraConfig(r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
-                      target_modules=peft.get("target_modules"), use_rslora=peft.get("use_rslora", False),
-                      use_dora=peft.get("use_dora", False), init="gaussian" if init == "gaussian" else "kaiming",
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise AdapterError(f"adapter_config.json has init_lora_weights={init!r}, which also changes the base "
+                           "weights; convert it to a plain LoRA adapter with peft first (save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=...))")
+    fields = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+              "use_rslora": "use_rslora", "use_dora": "use_dora", "exclude_modules": "exclude_modules",
+              "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern"}
+    ignored = {"modules_to_save", "init_lora_weights", "peft_type", "task_type", "base_model_name_or_path", "bias",
+               "inference_mode", "fan_in_fan_out"}  # read above, or set from the model when saving
+    given = {"r": 8, "lora_alpha": 8} | {k: v for k, v in peft.items() if v is not None}  # peft's defaults
+    return LoraConfig(**{ours: given[key] for key, ours in fields.items() if key in given},
+                      init="gaussian" if init == "gaussian" else "kaiming",
                       modules_to_save=peft.get("modules_to_save") or [],
-                      extra={k: v for k, v in peft.items() if k not in ours and v not in (None, {}, [])})
+                      extra={k: v for k, v in peft.items()
+                             if k not in fields and k not in ignored and v not in (None, {}, [])})
 
 
 def load_state_strict(model, state, folder, allowed):

@@ -9,6 +9,7 @@ with a seq-cls head and the DoRA / rsLoRA flags); several adapters switch and di
 bad configs and bad files fail with a clear AdapterError.
 """
 import json
+import re
 import shutil
 
 import pytest
@@ -411,16 +412,27 @@ def test_unknown_target_module(tiny):
 
 def test_targets_only_inside_modules_to_save(tiny):
     model = plain_ours(tiny, "distilbert", "seq-cls")
-    message = (r"target modules \['q_lin'\] match only layers inside modules trained in full \(modules_to_save "
-               r"\['classifier', 'transformer'\]\), which get no adapter")
+    message = (r"^target modules \['q_lin'\] match only layers that get no adapter: those inside modules trained in "
+               r"full \(modules_to_save \['classifier', 'transformer'\]\)$")
     with pytest.raises(AdapterError, match=message):
         apply_lora(model, LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier", "transformer"]))
+    assert not any(isinstance(m, (LoRALinear, ModulesToSave)) for m in model.modules())
+    exclude = r"distilbert\.transformer\.layer\.0\..*"
+    message = ("target modules ['q_lin'] match only layers that get no adapter: those inside modules trained in full "
+               f"(modules_to_save ['classifier']) or excluded (exclude_modules {exclude!r}) or outside "
+               "layers_to_transform 0")
+    with pytest.raises(AdapterError, match=f"^{re.escape(message)}$"):
+        apply_lora(model, LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"],
+                                     exclude_modules=exclude, layers_to_transform=0))
     assert not any(isinstance(m, (LoRALinear, ModulesToSave)) for m in model.modules())
 
 
 def test_config_and_adapter_calls_on_a_model_without_adapters(tiny, tmp_path):
     with pytest.raises(AdapterError, match="LoRA init must be 'kaiming' or 'gaussian', got 'pissa'"):
         LoraConfig(init="pissa")
+    for layers in ("1", [0, "1"], 1.0):
+        with pytest.raises(AdapterError, match=r"^layers_to_transform must be a layer index or a list of them, got"):
+            LoraConfig(layers_to_transform=layers)
     model = plain_ours(tiny, "gpt2", "causal-lm")
     message = r"^the model has no adapter \(add one with apply_lora or load_adapter\)$"
     for call in (lambda: save_adapter(model, tmp_path / "adapter"), lambda: set_adapter(model, "default"),
@@ -587,3 +599,62 @@ def test_all_linear_targets_match_peft(tiny, tmp_path, family, task):
     loaded = peft.PeftModel.from_pretrained(plain_hf(tiny, family, task), str(tmp_path)).eval()
     ids, mask = inputs(family)
     check_logits(run_ours(ours.eval(), ids, mask), run_ref(loaded, ids, mask), "all-linear, ours saved -> peft")
+
+
+LAYER_FILTERS = {  # peft LoraConfig fields that narrow target_modules
+    "exclude list": ("qwen2", {"target_modules": ["q_proj", "v_proj", "down_proj"], "exclude_modules": ["down_proj"]}),
+    "exclude regex": ("qwen2", {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r"model\.layers\.0\..*"}),
+    "one layer by pattern": ("qwen2", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 1,
+                                       "layers_pattern": "layers"}),
+    "layers without pattern": ("qwen2", {"target_modules": ["q_proj", "o_proj"], "layers_to_transform": [0]}),
+    "gpt2 blocks": ("gpt2", {"target_modules": ["c_attn", "c_proj"], "layers_to_transform": [1],
+                             "layers_pattern": ["h"]}),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_FILTERS)
+def test_layer_filters_match_peft(tiny, tmp_path, case):
+    """exclude_modules, layers_to_transform and layers_pattern pick the layers peft picks; adapter files with
+    them load both ways with equal logits."""
+    family, fields = LAYER_FILTERS[case]
+    ours = apply_lora(plain_ours(tiny, family, "causal-lm"), LoraConfig(r=R, alpha=ALPHA, **fields))
+    ref = peft.get_peft_model(plain_hf(tiny, family, "causal-lm"),
+                              peft.LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, **fields))
+    wrapped = sorted(n for n, m in ours.named_modules() if isinstance(m, LoRALinear))
+    ref_wrapped = sorted(n[len(PEFT_PREFIX):] for n, m in ref.named_modules()
+                         if isinstance(m, peft.tuners.lora.LoraLayer))
+    every_target = [n for n in plain_ours(tiny, family, "causal-lm").state_dict()
+                    if n.endswith(".weight") and n.split(".")[-2] in fields["target_modules"]]
+    assert 0 < len(wrapped) < len(every_target) and wrapped == ref_wrapped
+    ids, mask = inputs(family)
+    randomize(ours)
+    save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(plain_hf(tiny, family, "causal-lm"), str(tmp_path / "ours")).eval()
+    check_logits(run_ours(ours.eval(), ids, mask), run_ref(loaded, ids, mask), f"{case}: ours saved -> peft")
+    randomize(ref_inner(ref), seed=5)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    mine = load_adapter(plain_ours(tiny, family, "causal-lm"), tmp_path / "peft").eval()
+    check_logits(run_ours(mine, ids, mask), run_ref(ref.eval(), ids, mask), f"{case}: peft saved -> ours")
+
+
+UNSUPPORTED_PEFT_OPTIONS = {  # field -> value, each written by peft itself into a real adapter file
+    "lora_bias": True, "bias": "lora_only", "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 4},
+    "layer_replication": [[0, 2]], "init_lora_weights": "pissa", "trainable_token_indices": [1, 2],
+}
+
+
+@pytest.mark.parametrize("field", UNSUPPORTED_PEFT_OPTIONS)
+def test_peft_adapter_with_unsupported_option_is_refused(tiny, tmp_path, field):
+    """An option that changes the adapter's tensors or its layers' math fails with its name; the model is left
+    as it was (ignoring it would load a different model without a word)."""
+    fields = {"target_modules": ["q_proj"], field: UNSUPPORTED_PEFT_OPTIONS[field]}
+    ref = peft.get_peft_model(plain_hf(tiny, "qwen2", "causal-lm"),
+                              peft.LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, **fields))
+    ref.save_pretrained(str(tmp_path))
+    assert read_config(tmp_path)[field] == UNSUPPORTED_PEFT_OPTIONS[field]
+    model = plain_ours(tiny, "qwen2", "causal-lm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match=rf"adapter_config\.json (uses {field}|trains biases|has {field}=)"):
+        load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and not hasattr(model, "peft_config")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
