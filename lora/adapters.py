@@ -283,6 +283,32 @@ def delete_adapter(model, name):
             set_adapter(model, model.active_adapter)
 
 
+@contextmanager
+def restored_on_error(model):
+    """An exception inside the block leaves `model` as it was: the adapters registered, the wrappers
+    added and the trainable flags changed within the block are undone before it propagates."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))}
+    had_registry, registry = hasattr(model, "peft_config"), list(getattr(model, "peft_config", {}))
+    active = getattr(model, "active_adapter", None)
+    try:
+        yield model
+    except BaseException:
+        for name in [n for n in getattr(model, "peft_config", {}) if n not in registry]:
+            model.delete_adapter(name) if hasattr(model, "prompt_embeddings") else delete_adapter(model, name)
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))
+                        and n not in wrapped]:
+            model.set_submodule(name, m.base_layer if isinstance(m, LoRALinear) else m.original_module)
+        if not had_registry:
+            for attribute in ("peft_config", "active_adapter"):
+                model.__dict__.pop(attribute, None)
+        elif active is not None:
+            model.set_adapter(active) if hasattr(model, "prompt_embeddings") else set_adapter(model, active)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def merge_adapter(model, safe=True):
     """Fold the active adapter into the base weights (kept wrapped, so unmerge_adapter can undo it)."""
     for _, layer in lora_layers(model):
@@ -466,16 +492,14 @@ def load_adapter(model, folder, adapter_name="default"):
         return load_prompt_adapter(model, peft, tensors, folder, adapter_name)
     if kind != "LORA":
         raise AdapterError(f"{folder}: peft_type {kind!r} is not supported (LORA or PROMPT_TUNING)")
-    apply_lora(model, config_from_peft(peft), adapter_name)
-    head_names = [name for name, _ in heads(model)]
-    state = {peft_key_to_ours(k, adapter_name, head_names): v for k, v in tensors.items()}
-    expected = set(adapter_state(model, adapter_name))
-    missing = sorted(k for k in expected - set(state) if ".modules_to_save." not in k)
-    try:
+    config = config_from_peft(peft)
+    with restored_on_error(model):
+        apply_lora(model, config, adapter_name)
+        head_names = [name for name, _ in heads(model)]
+        state = {peft_key_to_ours(k, adapter_name, head_names): v for k, v in tensors.items()}
+        expected = set(adapter_state(model, adapter_name))
+        missing = sorted(k for k in expected - set(state) if ".modules_to_save." not in k)
         if missing:
             raise AdapterError(f"{folder}: adapter lacks {len(missing)} tensor(s) its config needs, e.g. {missing[0]}")
         load_state_strict(model, state, folder, expected)
-    except AdapterError:
-        delete_adapter(model, adapter_name)  # leave the model as it was
-        raise
     return model

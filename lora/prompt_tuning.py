@@ -24,7 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapters import AdapterError, default_heads, heads, load_state_strict, task_type, wrap_heads, write_adapter_files
+from .adapters import (AdapterError, default_heads, heads, load_state_strict, restored_on_error, task_type, wrap_heads,
+                       write_adapter_files)
 
 PREFIX = "base_model."  # peft's prompt-learning models name head tensors base_model.<head>.<param>
 
@@ -165,26 +166,27 @@ def load_prompt_adapter(model, peft, tensors, folder, adapter_name):
         raise AdapterError(f"{folder}: a prompt-tuning adapter needs the tensor prompt_embeddings")
     if peft.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{folder}: prompt tuning for encoder-decoder models is not supported")
-    wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
-    prompt = tensors["prompt_embeddings"]
-    dim = input_embeddings(wrapper.base_model).embedding_dim
-    if prompt.shape[1] != dim:
-        raise AdapterError(f"{folder}: tensor prompt_embeddings has shape {tuple(prompt.shape)}, "
-                           f"the model expects (*, {dim})")
-    wrapper.add_prompt(adapter_name, prompt.shape[0], modules_to_save=peft.get("modules_to_save") or [])
-    wrapper.peft_config[adapter_name] = copy.deepcopy(peft)
-    with torch.no_grad():
-        wrapper.prompt_embeddings[adapter_name].copy_(prompt)
-    head_names = [n for n, h in heads(wrapper.base_model) if adapter_name in h.modules_to_save]
-    head_state = {}
-    for key, value in tensors.items():
-        if key == "prompt_embeddings":
-            continue
-        rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        head = next((h for h in head_names if rest.startswith(h + ".")), None)
-        if head is None:
-            raise AdapterError(f"{folder}: tensor {key} belongs to no head of this model")
-        head_state[f"base_model.{head}.modules_to_save.{adapter_name}.{rest[len(head) + 1:]}"] = value
-    allowed = {k for k in wrapper.state_dict() if f".modules_to_save.{adapter_name}." in k}
-    load_state_strict(wrapper, head_state, folder, allowed)
+    with restored_on_error(model):  # the caller's model: a plain one or a PromptTuningModel
+        wrapper = model if isinstance(model, PromptTuningModel) else PromptTuningModel(model)
+        prompt = tensors["prompt_embeddings"]
+        dim = input_embeddings(wrapper.base_model).embedding_dim
+        if prompt.shape[1] != dim:
+            raise AdapterError(f"{folder}: tensor prompt_embeddings has shape {tuple(prompt.shape)}, "
+                               f"the model expects (*, {dim})")
+        wrapper.add_prompt(adapter_name, prompt.shape[0], modules_to_save=peft.get("modules_to_save") or [])
+        wrapper.peft_config[adapter_name] = copy.deepcopy(peft)
+        with torch.no_grad():
+            wrapper.prompt_embeddings[adapter_name].copy_(prompt)
+        head_names = [n for n, h in heads(wrapper.base_model) if adapter_name in h.modules_to_save]
+        head_state = {}
+        for key, value in tensors.items():
+            if key == "prompt_embeddings":
+                continue
+            rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            head = next((h for h in head_names if rest.startswith(h + ".")), None)
+            if head is None:
+                raise AdapterError(f"{folder}: tensor {key} belongs to no head of this model")
+            head_state[f"base_model.{head}.modules_to_save.{adapter_name}.{rest[len(head) + 1:]}"] = value
+        allowed = {k for k in wrapper.state_dict() if f".modules_to_save.{adapter_name}." in k}
+        load_state_strict(wrapper, head_state, folder, allowed)
     return wrapper

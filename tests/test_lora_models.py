@@ -464,8 +464,13 @@ def test_non_positive_rank(tiny, tmp_path, r):
 
 
 def assert_unchanged(model, family, task, tiny, ids, mask):
-    """After a failed load: no adapter registered and the base model's outputs."""
-    assert "default" not in getattr(model, "peft_config", {})
+    """After a failed load: no adapter registered, no wrapper left, every parameter trainable as in a fresh
+    model, and the base model's outputs."""
+    fresh = plain_ours(tiny, family, task)
+    assert not hasattr(model, "peft_config") and not hasattr(model, "active_adapter")
+    assert list(model.state_dict()) == list(fresh.state_dict())  # a LoRALinear would rename base weights
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        n: p.requires_grad for n, p in fresh.named_parameters()}
     check_logits(run_ours(model.eval(), ids, mask), run_ours(plain_ours(tiny, family, task), ids, mask),
                  "after a failed load")
 
@@ -658,3 +663,26 @@ def test_peft_adapter_with_unsupported_option_is_refused(tiny, tmp_path, field):
         load_adapter(model, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in model.modules()) and not hasattr(model, "peft_config")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_failed_second_adapter_leaves_the_first(tiny, tmp_path):
+    """A second adapter whose file does not fit is taken out again: the first stays active and alone trainable."""
+    family, task = "qwen2", "seq-cls"
+    ours, _ = make_pair(tiny, family, task)
+    randomize(ours)
+    save_adapter(ours, tmp_path / "good")
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "good", bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = PEFT_PREFIX + "model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.zeros(R + 1, tensors[key].shape[1])
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    model = load_adapter(plain_ours(tiny, family, task), tmp_path / "good")
+    names = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids, mask = inputs(family)
+    before = run_ours(model.eval(), ids, mask)
+    with pytest.raises(AdapterError, match="lora_A"):
+        load_adapter(model, bad, adapter_name="second")
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == names
+    check_logits(run_ours(model, ids, mask), before, "the first adapter after a failed second one")

@@ -347,3 +347,23 @@ def test_second_prompt_loaded_from_file(tiny, tmp_path):
         wrapper.set_adapter(name)
         ref.set_adapter(name)
         check(run_ours(wrapper.eval(), ids, mask), run_ref(ref, ids, mask, n), f"loaded prompt {name}")
+
+
+def test_failed_prompt_load_leaves_the_model_as_it_was(tiny, tmp_path):
+    """A prompt adapter whose head does not fit: a plain model keeps its modules and trainable flags, and a
+    PromptTuningModel keeps only its own prompts, the first one active."""
+    family, task = "gpt2", "seq-cls"
+    # the causal-lm checkpoint has no score layer: a fresh head with one label more
+    source = PromptTuningModel(load_model(tiny.folder(family, "causal-lm"), task=task, num_labels=NUM_LABELS + 1)[0])
+    save_adapter(source.add_prompt("default", N), tmp_path)
+    model = plain_ours(tiny, family, task)
+    keys = list(model.state_dict())
+    with pytest.raises(AdapterError, match="score"):
+        load_adapter(model, tmp_path)
+    assert list(model.state_dict()) == keys and all(p.requires_grad for p in model.parameters())
+    wrapper = PromptTuningModel(plain_ours(tiny, family, task)).add_prompt("a", N)
+    flags = {n: p.requires_grad for n, p in wrapper.named_parameters()}
+    with pytest.raises(AdapterError, match="score"):
+        load_adapter(wrapper, tmp_path, adapter_name="b")
+    assert list(wrapper.prompt_embeddings) == list(wrapper.peft_config) == ["a"] and wrapper.active_adapter == "a"
+    assert {n: p.requires_grad for n, p in wrapper.named_parameters()} == flags
