@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import random
+import sys
 from pathlib import Path
 
 TASKS = ("seq-cls", "generate-label", "causal-lm")
@@ -140,6 +141,10 @@ def check_rows(rows, task, split):
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "
                             f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); it has {', '.join(sorted(cols))}")
+        for number, row in enumerate(rows):
+            for column in pair_columns(rows) or (text_column(rows),):
+                if row.get(column) is None:  # str(None) would train on the word "None"
+                    raise DataError(f"split {split!r} row {number}: missing {column}")
     else:
         raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
@@ -224,12 +229,19 @@ def parse_label_words(label_words, names):
 
 
 def encode(rows, task, tokenizer, max_length, names=None, words=None, split="train"):
-    """Token ids (and labels) of `rows` for `task`; see the encode_* functions."""
+    """Token ids (and labels) of `rows` for `task`; see the encode_* functions. Causal-LM rows with no
+    token to predict (an empty text: plain-text corpora such as wikitext have many) are left out."""
     if task == "seq-cls":
         return encode_classification(rows, tokenizer, max_length, names, split)
     if task == "generate-label":
         return encode_generate_label(rows, tokenizer, max_length, words, names, split)
-    return encode_causal_lm(rows, tokenizer, max_length)
+    examples = [e for e in encode_causal_lm(rows, tokenizer, max_length) if any(t != -100 for t in e["labels"][1:])]
+    if not examples:
+        raise DataError(f"split {split!r}: no row has a token to predict (are its texts empty?)")
+    if len(examples) < len(rows):
+        print(f"split {split!r}: {len(rows) - len(examples)} of {len(rows)} rows have no token to predict "
+              "(empty text) and are left out", file=sys.stderr)
+    return examples
 
 
 def collate(examples, pad_id, side="right"):

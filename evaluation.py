@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import metrics
-from data import collate
+from data import DataError, collate
 from models import generate
 
 
@@ -115,6 +115,8 @@ def sliding_window_perplexity(model, token_ids, window, stride):
     if not 0 < stride < window:
         raise ValueError(f"stride must be in [1, window - 1] so every window has context, got {stride} for window {window}")
     model.eval()
+    if len(token_ids) < 2:  # nothing to predict (an empty text)
+        return 0.0, 0
     ids = torch.tensor(token_ids)[None]
     total, count, scored_until = 0.0, 0, 0
     for start in range(0, max(len(token_ids) - 1, 1), stride):
@@ -134,4 +136,6 @@ def perplexity_of_texts(model, tokenizer, texts, window, stride):
     for text in texts:
         nll, n = sliding_window_perplexity(model, tokenizer.encode(text), window, stride)
         total, count = total + nll, count + n
-    return {"loss": total / max(count, 1), "perplexity": math.exp(total / max(count, 1))}
+    if not count:
+        raise DataError(f"none of the {len(texts)} texts has a token to predict (are they empty?)")
+    return {"loss": total / count, "perplexity": math.exp(total / count)}

@@ -21,6 +21,7 @@ from lora import AdapterError, LoraConfig, apply_lora, save_adapter
 from quant import allocator
 from models import Tokenizer, load_model
 from test_qlora import reference_model
+from data import DataError
 from test_train import keyword_rows, write_jsonl
 from tiny import NUM_LABELS, load_hf
 
@@ -147,3 +148,24 @@ def test_out_of_range_flags_are_usage_errors(flag, capsys):
         eval_cli.parse_args(["--model", "x", "--dataset", "d", flag, "0"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().endswith(f"error: {flag} must be positive, got 0")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # "" is no token for GPT-2's tokenizer, one (<s>) for Llama's
+def test_empty_texts_add_nothing_to_perplexity(tiny, tmp_path, family):
+    """Plain-text corpora (wikitext) hold empty lines: they have no token to predict, so the perplexity is
+    transformers' over the other texts; a split of empty texts only is a one-line error."""
+    folder = tiny.folder(family, "causal-lm")
+    texts = ["the movie was wonderful and the plot was okay", "", "a terrible film", ""]
+    dataset = write_jsonl(tmp_path / "data", "test", [{"text": t} for t in texts])
+    results = run_eval("--model", folder, "--dataset", dataset, "--task", "causal-lm", "--max-length", 64)
+    reference, tok = load_hf(folder, family, "causal-lm"), load_model(folder, task="causal-lm")[1]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in filter(None, texts):
+            ids = torch.tensor([tok.encode(text)])
+            total += reference(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert results["base"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    empty = write_jsonl(tmp_path / "empty", "test", [{"text": ""}] * 3)
+    with pytest.raises(DataError, match=r"^none of the 3 texts has a token to predict \(are they empty\?\)$"):
+        run_eval("--model", folder, "--dataset", empty, "--task", "causal-lm")

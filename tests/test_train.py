@@ -792,3 +792,21 @@ def test_all_linear_targets(tiny, tmp_path):
     expected = {f"transformer.h.{i}.{name}" for i in range(2)
                 for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert layers == expected and sorted(config["target_modules"]) == sorted(expected)
+
+
+def test_empty_texts_are_left_out_and_missing_answers_are_errors(tiny, tmp_path, capsys):
+    """causal-lm: rows with no token to predict (empty texts) are left out with a note, a split of them only
+    is an error; a null answer is an error (it used to train on the word "None")."""
+    texts = [{"text": t} for t in ("the movie was wonderful", "", "a terrible film", "", "it rained")]
+    write_jsonl(tmp_path / "plain", "train", texts)
+    run(tiny.folder("gpt2", "causal-lm"), write_jsonl(tmp_path / "plain", "validation", texts), tmp_path / "out",
+        "--max-steps", 1, "--batch-size", 2)
+    err = capsys.readouterr().err
+    for split in ("train", "validation"):
+        assert f"split {split!r}: 2 of 5 rows have no token to predict (empty text) and are left out" in err
+    with pytest.raises(data.DataError, match=r"^split 'train': no row has a token to predict \(are its texts empty\?\)$"):
+        bad_run(tiny, tmp_path, {"train": [{"text": ""}] * 4, "validation": texts}, family=("gpt2", "causal-lm"))
+    rows = pair_rows(4)
+    rows[2]["answer"] = None
+    with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing answer$"):
+        bad_run(tiny, tmp_path / "pairs", {"train": rows, "validation": pair_rows(2)}, family=("gpt2", "causal-lm"))
