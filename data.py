@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -57,7 +58,12 @@ def read_file(path):
             return rows
     if path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        # CSV has only strings; integer labels must stay integers, or "10" would sort between "1" and "2"
+        if rows and all(re.fullmatch(r"-?\d+", str(row.get("label"))) for row in rows):
+            for row in rows:
+                row["label"] = int(row["label"])
+        return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # comes with `datasets`
 
@@ -135,8 +141,9 @@ def check_rows(rows, task, split):
                             f"it has {', '.join(sorted(cols))}")
         text = text_column(rows)
         for number, row in enumerate(rows):
-            if row.get("label") is None or row.get(text) is None:
-                raise DataError(f"split {split!r} row {number}: missing {'label' if row.get('label') is None else text}")
+            if row.get("label") in (None, "") or row.get(text) is None:  # "": an empty CSV cell
+                raise DataError(f"split {split!r} row {number}: missing "
+                                f"{'label' if row.get('label') in (None, '') else text}")
     elif task == "causal-lm":
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "

@@ -810,3 +810,32 @@ def test_empty_texts_are_left_out_and_missing_answers_are_errors(tiny, tmp_path,
     rows[2]["answer"] = None
     with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing answer$"):
         bad_run(tiny, tmp_path / "pairs", {"train": rows, "validation": pair_rows(2)}, family=("gpt2", "causal-lm"))
+
+
+def test_csv_and_parquet_read_like_jsonl(tmp_path):
+    """Twelve integer labels: CSV's strings become ints again ("10" used to sort between "1" and "2", so the
+    head's output 2 meant label 10); an empty CSV label cell is a missing label."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"review number {i}", "label": (7 * i) % 12} for i in range(24)]
+    write_jsonl(tmp_path / "jsonl", "train", rows)
+    (tmp_path / "csv").mkdir()
+    with open(tmp_path / "csv" / "train.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "parquet" / "train.parquet")
+    for kind in ("jsonl", "csv", "parquet"):
+        loaded = data.load_splits(tmp_path / kind)["train"]
+        assert loaded == rows, kind
+        names = data.label_names([loaded])
+        assert names == list(range(12)) and data.label_ids(loaded, names, "train") == [r["label"] for r in rows]
+    with open(tmp_path / "csv" / "train.csv", "a", newline="", encoding="utf-8") as f:
+        f.write("a review without its label,\n")
+    loaded = data.load_splits(tmp_path / "csv")["train"]
+    with pytest.raises(data.DataError, match=r"^split 'train' row 24: missing label$"):
+        data.check_rows(loaded, "seq-cls", "train")
