@@ -20,7 +20,7 @@ import torch
 import data
 from evaluation import classification_probabilities, evaluate, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
-from lora.adapters import AdapterError, check_adapter_folder
+from lora.adapters import AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
 from models.loading import DECODERS, read_config, resolve
 from quant.allocator import keep_freed_memory
@@ -65,9 +65,16 @@ def load_variant(args, folder, model_task, num_labels, entry):
     """The base model with one adapter (or none) applied, optionally merged."""
     model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
                                   quant=None if args.quant == "none" else args.quant)
+    base = model
+    if entry != "base":
+        model = load_adapter(model, entry, adapter_name="default")
+    untrained = [h for h in getattr(base, "random_heads", []) if not isinstance(base.get_submodule(h), ModulesToSave)]
+    if untrained:  # an adapter with the head trained wraps it; merging would hide that, so look now
+        source = "the checkpoint" if entry == "base" else "the checkpoint or the adapter"
+        print(f"note: {label_of(entry, False)}: no {', '.join(untrained)} in {source}; initialised at random, its "
+              "predictions are chance", file=sys.stderr)
     if entry == "base":
         return model, tokenizer
-    model = load_adapter(model, entry, adapter_name="default")
     if args.merge and not hasattr(model, "prompt_embeddings"):
         model = merge_and_unload(model)
     return model.eval(), tokenizer

@@ -161,11 +161,13 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
         raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False, assign=True)
+    model.random_heads = []  # heads the checkpoint lacks: initialised at random, untrained
     for head in model.new_head_names:
         module = model.get_submodule(head)
         if any(p.is_meta for p in module.parameters()):
             module.to_empty(device="cpu").to(dtype)
             init_new_weights(module, std)
+            model.random_heads.append(head)
     if tied:
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
 

@@ -169,3 +169,21 @@ def test_empty_texts_add_nothing_to_perplexity(tiny, tmp_path, family):
     empty = write_jsonl(tmp_path / "empty", "test", [{"text": ""}] * 3)
     with pytest.raises(DataError, match=r"^none of the 3 texts has a token to predict \(are they empty\?\)$"):
         run_eval("--model", folder, "--dataset", empty, "--task", "causal-lm")
+
+
+def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
+    """The checkpoint has no classification head: its predictions are chance unless the adapter trained it."""
+    folder = tiny.folder("distilbert", "base")
+    for heads, name in ((None, "trained_head"), ([], "no_head")):
+        model = load_model(folder, task="seq-cls")[0]
+        save_adapter(apply_lora(model, LoraConfig(r=4, modules_to_save=heads)), tmp_path / name)
+    notes = {}
+    for entry in ("base", tmp_path / "trained_head", tmp_path / "no_head"):
+        run_eval("--model", folder, "--adapters", entry, "--predict", "a wonderful film")
+        notes[str(entry)] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == {
+        "base": ["note: base: no pre_classifier, classifier in the checkpoint; initialised at random, its predictions "
+                 "are chance"],
+        str(tmp_path / "trained_head"): [],
+        str(tmp_path / "no_head"): ["note: no_head: no pre_classifier, classifier in the checkpoint or the adapter; "
+                                    "initialised at random, its predictions are chance"]}
