@@ -40,22 +40,36 @@ class DataError(ValueError):
     """A dataset that cannot be used as asked; the message says why."""
 
 
-def read_file(path):
-    path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".json" and f.read(1) == "[":
-                f.seek(0)
-                return json.load(f)
+def read_json_rows(path):
+    """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".json" and f.read(1) == "[":
             f.seek(0)
-            rows = []
+            try:
+                rows, numbers = json.load(f), None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+        else:
+            f.seek(0)
+            rows, numbers = [], []
             for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            return rows
+                    numbers.append(number)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"{path}:{numbers[i]}" if numbers else f"{path}: item {i}"
+            raise DataError(f"{where}: a row must be a JSON object of columns, found a {type(row).__name__}")
+    return rows
+
+
+def read_file(path):
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_json_rows(path)
     if path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))

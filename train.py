@@ -35,7 +35,7 @@ from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disab
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names
 from models import Tokenizer, load_model, save_model
-from models.loading import DECODERS, LoadError, read_config, resolve
+from models.loading import DECODERS, LoadError, read_config, read_json, resolve
 from quant import dequantize_model
 from quant.allocator import keep_freed_memory, map_large_allocations
 
@@ -372,8 +372,7 @@ def main(argv=None):
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "before": None}
     if args.resume and (out / "checkpoint" / "state.json").is_file():
-        with open(out / "checkpoint" / "state.json", encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_json(out / "checkpoint" / "state.json")
     elif args.resume:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
     # both before the first evaluation, so that a wrong target name or an output folder that cannot be

@@ -24,8 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from models.loading import read_json
 
 from .layer import LoRALinear, is_linear_base
 
@@ -427,9 +430,11 @@ def check_adapter_folder(folder):
 def read_adapter_files(folder):
     folder = Path(folder)
     check_adapter_folder(folder)
-    with open(folder / CONFIG_FILE, encoding="utf-8") as f:
-        config = json.load(f)
-    return config, load_file(str(folder / WEIGHTS_FILE))
+    config = read_json(folder / CONFIG_FILE, AdapterError)
+    try:
+        return config, load_file(str(folder / WEIGHTS_FILE))
+    except SafetensorError as e:
+        raise AdapterError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
 
 
 # peft options that change which tensors an adapter has or what its layers compute: refused, not ignored

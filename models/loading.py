@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import bert, distilbert, gpt2, llama
 from .common import init_new_weights
@@ -36,6 +36,20 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 
 class LoadError(ValueError):
     """A checkpoint that cannot be found or does not fit the model; the message says which and why."""
+
+
+def read_json(path, error=LoadError):
+    """The JSON object in the file at `path` (a config); anything else raises `error` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object ({{...}}), found a {type(value).__name__}")
+    return value
 
 
 def models_dir():
@@ -72,8 +86,7 @@ def read_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise LoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json(path)
     if cfg.get("model_type") not in FAMILIES:
         raise LoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
                         f"supported: {', '.join(sorted(FAMILIES))}")
@@ -84,8 +97,10 @@ def weight_files(folder):
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            return [folder / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: no weight_map (tensor name -> file)")
+        return [folder / name for name in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoadError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded, for safety)")
@@ -132,7 +147,11 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
     pending, quantized = {}, set()  # layer name -> its tensors read so far; names of quantized tensors
     state = {}
     for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
+        try:
+            opened = safe_open(str(file), framework="pt")
+        except SafetensorError as e:
+            raise LoadError(f"{file}: not a readable safetensors file ({e})") from None
+        with opened as f:
             for key in f.keys():
                 name = checkpoint_name_to_ours(key, ours, prefix)
                 if name is None:

@@ -5,7 +5,6 @@ special tokens ([CLS] ... [SEP] for BERT); tokenizer_config.json and special_tok
 the special tokens. Padding and truncation stored inside tokenizer.json are ignored, as
 transformers ignores them: they are chosen per call. Decoders without a pad token pad with eos.
 """
-import json
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,9 @@ def _token_text(value):
 
 
 def _read_json(path):
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from .loading import read_json
+
+    return read_json(path) if path.is_file() else {}
 
 
 class Tokenizer:
@@ -45,7 +43,10 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise LoadError(f"{folder} has no tokenizer.json (the fast-tokenizer file this project reads)")
-        tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a bare Exception with its parser's message
+            raise LoadError(f"{folder / 'tokenizer.json'}: the tokenizers library cannot read it ({e})") from None
         config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         special = {name: _token_text(config.get(f"{name}_token")) for name in ("pad", "eos", "bos", "unk", "cls", "sep")}
         for name in ("eos", "bos", "pad"):  # fall back to the model config's ids (GPT-2 names none in its files)

@@ -686,3 +686,18 @@ def test_failed_second_adapter_leaves_the_first(tiny, tmp_path):
     assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == names
     check_logits(run_ours(model, ids, mask), before, "the first adapter after a failed second one")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("adapter_config.json", b'{"r": 4,,}', r"adapter_config\.json: not valid JSON \(Expecting property name enclosed in "
+                                          r"double quotes, line 1 column 9\)"),
+    ("adapter_config.json", b'"LORA"', r"adapter_config\.json: expected a JSON object \(\{\.\.\.\}\), found a str"),
+    ("adapter_model.safetensors", b"not safetensors", r"adapter_model\.safetensors: not a readable safetensors file"),
+], ids=["config-syntax", "config-not-an-object", "weights"])
+def test_a_damaged_adapter_file_is_one_line_naming_it(tiny, tmp_path, name, content, message):
+    save_adapter(apply_lora(plain_ours(tiny, "gpt2", "causal-lm"), LoraConfig(r=R)), tmp_path)
+    (tmp_path / name).write_bytes(content)
+    model = plain_ours(tiny, "gpt2", "causal-lm")
+    with pytest.raises(AdapterError, match=f"^{re.escape(str(tmp_path))}/{message}"):
+        load_adapter(model, tmp_path)
+    assert not hasattr(model, "peft_config")

@@ -569,3 +569,25 @@ def test_too_long_sequence(ours, family, task):
         run_ours(model, random_ids(family, 1, MAX_POS + 1))
     msg = str(e.value)
     assert str(MAX_POS + 1) in msg and str(MAX_POS) in msg.replace(str(MAX_POS + 1), ""), msg
+
+
+DAMAGED_FILES = {  # file -> (new content, the message's end)
+    "config.json": (b'{"model_type": "gpt2",', r"config\.json: not valid JSON \(Expecting property name enclosed in "
+                                               r"double quotes, line 1 column 23\)"),
+    "tokenizer.json": (b'{"version": ', r"tokenizer\.json: the tokenizers library cannot read it \(.*\)"),
+    "tokenizer_config.json": (b"[1, 2]", r"tokenizer_config\.json: expected a JSON object \(\{\.\.\.\}\), found a list"),
+    "model.safetensors": (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", r"model\.safetensors: not a readable safetensors file "
+                                                                  r"\(.*\)"),
+    "model.safetensors.index.json": (b'{"metadata": {}}', r"model\.safetensors\.index\.json: no weight_map "
+                                                          r"\(tensor name -> file\)"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_FILES)
+def test_a_damaged_file_is_one_line_naming_it(tiny, tmp_path, name):
+    folder = tiny.copy("gpt2", "causal-lm", tmp_path / "model")
+    content, message = DAMAGED_FILES[name]
+    (folder / name).write_bytes(content)
+    with pytest.raises(LoadError, match=f"^{re.escape(str(folder))}/{message}$") as e:
+        load_model(folder, task="causal-lm")
+    one_line_error(e)

@@ -839,3 +839,23 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
     loaded = data.load_splits(tmp_path / "csv")["train"]
     with pytest.raises(data.DataError, match=r"^split 'train' row 24: missing label$"):
         data.check_rows(loaded, "seq-cls", "train")
+
+
+def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.json").write_text('["a review", "another"]')
+    with pytest.raises(data.DataError, match=r"train\.json: item 0: a row must be a JSON object of columns, found a str$"):
+        data.load_splits(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train.jsonl").write_text('{"text": "fine", "label": 0}\n\n[1, 0]\n')
+    with pytest.raises(data.DataError, match=r"train\.jsonl:3: a row must be a JSON object of columns, found a list$"):
+        data.load_splits(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.json").write_text('[{"text": "fine", "label": 0}, {"text": ')
+    with pytest.raises(data.DataError, match=r"train\.json: not valid JSON \(Expecting value, line 1 column 41\)$"):
+        data.load_splits(tmp_path / "c")
+    folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
+    run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4)
+    (out / "checkpoint" / "state.json").write_text('{"step": 1, ')
+    with pytest.raises(LoadError, match=r"checkpoint/state\.json: not valid JSON"):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
