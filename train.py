@@ -110,6 +110,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.method == "none" and args.quant != "none":
+        p.error(f"--method none trains every weight, which a quantized base cannot do; use --method lora with "
+                f"--quant {args.quant} (QLoRA), or --quant none")
     if args.save_merged and args.method != "lora":
         p.error(f"--save-merged merges a LoRA adapter; it does not apply to --method {args.method}")
     if args.output_dir is None:

@@ -259,6 +259,16 @@ def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     assert "--save-merged merges a LoRA adapter" in capsys.readouterr().err
 
 
+def test_full_fine_tuning_of_a_quantized_base_is_a_usage_error(capsys):
+    """It used to train the biases and norms only and then fail to save, after the whole run."""
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--model", "x", "--method", "none", "--quant", "nf4"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --method none trains every weight, which a quantized base cannot do; use --method lora with "
+        "--quant nf4 (QLoRA), or --quant none")
+
+
 # ------------------------------------------------------------------ gradient accumulation
 
 
