@@ -80,11 +80,19 @@ def load_variant(args, folder, model_task, num_labels, entry):
     return model.eval(), tokenizer
 
 
-def label_of(entry, merge):
+def label_of(entry, merge, full=False):
     if entry == "base":
         return "base"
     path = Path(entry)
-    return (path.parent.name if path.name == "adapter" else path.name) + (" (merged)" if merge else "")
+    name = str(path) if full else path.parent.name if path.name == "adapter" else path.name
+    return name + (" (merged)" if merge else "")
+
+
+def column_labels(entries, merge):
+    """One table column per entry: its short label, its path where two short labels clash, then a number."""
+    labels = [label_of(e, merge) for e in entries]
+    labels = [lab if labels.count(lab) == 1 else label_of(e, merge, full=True) for lab, e in zip(labels, entries)]
+    return [lab if labels.count(lab) == 1 else f"{lab} #{labels[:i].count(lab) + 1}" for i, lab in enumerate(labels)]
 
 
 def main(argv=None):
@@ -131,7 +139,7 @@ def main(argv=None):
     if not plain_text:
         examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
-    for entry in args.adapters:
+    for entry, column in zip(args.adapters, column_labels(args.adapters, args.merge)):
         model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)
         if plain_text:
             window = args.window or args.max_length
@@ -140,7 +148,7 @@ def main(argv=None):
         else:
             result = evaluate(model, examples, task, tok, args.batch_size, words, args.rouge, args.max_new_tokens,
                               desc=f"eval {entry}")
-        results[label_of(entry, args.merge)] = result
+        results[column] = result
     keys = list(next(iter(results.values())))
     print(f"\n{args.model} on {args.dataset} [{split}, {len(rows)} rows, {task}]\n")
     print("| metric | " + " | ".join(results) + " |")

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -76,6 +77,19 @@ def test_table_of_two_adapters_equals_peft(setup, tmp_path):
         assert results[adapter.name]["accuracy"] == (logits.argmax(-1) == labels).sum().item() / len(rows)
         assert results[adapter.name]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
     assert results[adapters[0].name] != results[adapters[1].name]
+
+
+def test_adapters_with_the_same_folder_name_get_a_column_each(setup, tmp_path):
+    """Two runs' adapters are both `<run>/adapter`: the columns are named by path (one used to overwrite the
+    other); the same entry twice is numbered."""
+    folder, _, dataset, adapters = setup
+    paths = [shutil.copytree(a, tmp_path / f"run{i}" / "same" / "adapter") for i, a in enumerate(adapters)]
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", *paths,
+                       paths[0])
+    assert list(results) == [f"{paths[0]} #1", str(paths[1]), f"{paths[0]} #2"]
+    alone = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", *adapters)
+    assert [results[f"{paths[0]} #1"], results[str(paths[1])], results[f"{paths[0]} #2"]] == [
+        alone[adapters[0].name], alone[adapters[1].name], alone[adapters[0].name]]
 
 
 def test_merged_adapter_equals_unmerged(setup):
