@@ -297,16 +297,22 @@ def restored_on_error(model):
     try:
         yield model
     except BaseException:
+        prompt_model = hasattr(model, "prompt_embeddings")  # a PromptTuningModel manages its own prompts
         for name in [n for n in getattr(model, "peft_config", {}) if n not in registry]:
-            model.delete_adapter(name) if hasattr(model, "prompt_embeddings") else delete_adapter(model, name)
+            if prompt_model:
+                model.delete_adapter(name)
+            else:
+                delete_adapter(model, name)
         for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, ModulesToSave))
                         and n not in wrapped]:
             model.set_submodule(name, m.base_layer if isinstance(m, LoRALinear) else m.original_module)
         if not had_registry:
             for attribute in ("peft_config", "active_adapter"):
                 model.__dict__.pop(attribute, None)
+        elif active is not None and prompt_model:
+            model.set_adapter(active)
         elif active is not None:
-            model.set_adapter(active) if hasattr(model, "prompt_embeddings") else set_adapter(model, active)
+            set_adapter(model, active)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
