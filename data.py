@@ -233,7 +233,8 @@ def encode_causal_lm(rows, tokenizer, max_length):
         if pair:
             prompt = tokenizer.encode(PAIR_PROMPTS[pair[0]].format(row[pair[0]]))
             answer = tokenizer.encode(str(row[pair[1]]), add_special_tokens=False) + eos
-            examples.append({**encode_prompt_answer(prompt, answer, max_length), "prompt_ids": prompt,
+            # the prompt that ROUGE's generations continue: cut from the left as in training
+            examples.append({**encode_prompt_answer(prompt, answer, max_length), "prompt_ids": prompt[-max_length:],
                              "reference": str(row[pair[1]])})
         else:
             ids = tokenizer.encode(str(row[text]))[:max_length]
@@ -258,7 +259,8 @@ def encode(rows, task, tokenizer, max_length, names=None, words=None, split="tra
         return encode_generate_label(rows, tokenizer, max_length, words, names, split)
     examples = [e for e in encode_causal_lm(rows, tokenizer, max_length) if any(t != -100 for t in e["labels"][1:])]
     if not examples:
-        raise DataError(f"split {split!r}: no row has a token to predict (are its texts empty?)")
+        raise DataError(f"split {split!r}: no row has a token to predict (empty texts, or --max-length {max_length} "
+                        "too short?)")
     if len(examples) < len(rows):
         print(f"split {split!r}: {len(rows) - len(examples)} of {len(rows)} rows have no token to predict "
               "(empty text) and are left out", file=sys.stderr)

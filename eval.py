@@ -22,6 +22,7 @@ from evaluation import classification_probabilities, evaluate, perplexity_of_tex
 from lora import load_adapter, merge_and_unload
 from lora.adapters import AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
+from models.generate import too_long
 from models.loading import DECODERS, read_config, resolve
 from quant.allocator import keep_freed_memory
 
@@ -113,6 +114,9 @@ def main(argv=None):
         model, tok = load_variant(args, folder, "causal-lm", 2, args.adapters[0])
         tok.padding_side = "left"
         batch = tok(args.generate)
+        problem = too_long(model, batch["input_ids"].shape[1], args.max_new_tokens)
+        if problem:
+            raise LoadError(f"--generate: {problem}")
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:]):
@@ -146,6 +150,10 @@ def main(argv=None):
             texts = [str(r[data.text_column(rows)]) for r in rows]
             result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2))
         else:
+            longest = max(len(e.get("prompt_ids", ())) for e in examples)
+            problem = args.rouge and "reference" in examples[0] and too_long(model, longest, args.max_new_tokens)
+            if problem:
+                raise LoadError(f"--rouge: {problem} (lower --max-length or --max-new-tokens)")
             result = evaluate(model, examples, task, tok, args.batch_size, words, args.rouge, args.max_new_tokens,
                               desc=f"eval {entry}")
         results[column] = result

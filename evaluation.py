@@ -16,6 +16,8 @@ import metrics
 from data import DataError, collate
 from models import generate
 
+ROUGE_NEW_TOKENS = 64  # summary tokens generated for ROUGE (train.py's; eval.py has --max-new-tokens)
+
 
 def next_token_nll(model, batch):
     """(sum of next-token NLL over labelled positions, their count), computed by the model from its
@@ -70,7 +72,8 @@ def classification_metrics(probs_or_scores, labels, loss=None):
 
 
 @torch.no_grad()
-def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=64, desc=None):
+def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=ROUGE_NEW_TOKENS,
+             desc=None):
     """Metrics of `model` on encoded `examples` for `task` (see the module docstring)."""
     model.eval()
     if task == "seq-cls":

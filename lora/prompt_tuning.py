@@ -123,6 +123,11 @@ class PromptTuningModel(nn.Module):
             for head, state in saved_heads:
                 head.disabled = state
 
+    @property
+    def virtual_tokens(self):
+        """Positions the active soft prompt takes before the input (0 when switched off)."""
+        return 0 if self.disabled or self.active_adapter is None else len(self.prompt_embeddings[self.active_adapter])
+
     def forward(self, input_ids=None, attention_mask=None, cache=None, token_type_ids=None, **kwargs):
         if self.disabled or self.active_adapter is None:
             extra = {"cache": cache} if cache is not None else {}

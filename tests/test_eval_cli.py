@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import eval as eval_cli
 from lora import AdapterError, LoraConfig, apply_lora, save_adapter
 from quant import allocator
-from models import Tokenizer, load_model
+from models import LoadError, Tokenizer, load_model
 from test_qlora import reference_model
 from data import DataError
 from test_train import keyword_rows, write_jsonl
@@ -201,3 +201,19 @@ def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
         str(tmp_path / "trained_head"): [],
         str(tmp_path / "no_head"): ["note: no_head: no pre_classifier, classifier in the checkpoint or the adapter; "
                                     "initialised at random, its predictions are chance"]}
+
+
+def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path):
+    """Before generating (it used to fail with a traceback after max_new_tokens - 1 steps); ROUGE's prompts are cut
+    to --max-length like the training inputs, so --max-length + --max-new-tokens is what must fit."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    with pytest.raises(LoadError, match=r"^--generate: \d+ prompt tokens \+ 70 new tokens exceed the model's maximum "
+                                        r"of 64 positions$"):
+        run_eval("--model", folder, "--generate", "a wonderful film", "--max-new-tokens", 70)
+    rows = [{"question": "what is two and two, and why is it so? " * 4, "answer": "four"}] * 3
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    with pytest.raises(LoadError, match=r"^--rouge: 40 prompt tokens \+ 30 new tokens exceed the model's maximum of 64 "
+                                        r"positions \(lower --max-length or --max-new-tokens\)$"):
+        run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 30)
+    result = run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 25)
+    assert set(result["base"]) >= {"rouge1", "rouge2", "rougeL"}

@@ -591,3 +591,25 @@ def test_a_damaged_file_is_one_line_naming_it(tiny, tmp_path, name):
     with pytest.raises(LoadError, match=f"^{re.escape(str(folder))}/{message}$") as e:
         load_model(folder, task="causal-lm")
     one_line_error(e)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_up_to_the_last_position(tiny, ours, family):
+    """T + new - 1 positions (the last token is not fed back) may fill the model exactly, and match transformers;
+    one more is a ValueError before the first step, not after max_new_tokens - 1 of them."""
+    model, _ = ours(family, "causal-lm")
+    ids = random_ids(family, 1, 10, seed=3)
+    fits = MAX_POS - ids.shape[1] + 1
+    kw = dict(max_new_tokens=fits, eos_token_id=-1, pad_token_id=special(family, "pad"))  # no eos: all steps run
+    out = generate(model, ids, **kw)
+    assert out.shape[1] == MAX_POS + 1
+    assert torch.equal(out, hf_generate(tiny.hf(family, "causal-lm"), ids, torch.ones_like(ids), **kw))
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))  # the model is shared by the module's tests
+    try:
+        with pytest.raises(ValueError, match=rf"^10 prompt tokens \+ {fits + 1} new tokens exceed the model's "
+                                             rf"maximum of {MAX_POS} positions$"):
+            generate(model, ids, **{**kw, "max_new_tokens": fits + 1})
+    finally:
+        hook.remove()
+    assert not calls

@@ -367,3 +367,14 @@ def test_failed_prompt_load_leaves_the_model_as_it_was(tiny, tmp_path):
         load_adapter(wrapper, tmp_path, adapter_name="b")
     assert list(wrapper.prompt_embeddings) == list(wrapper.peft_config) == ["a"] and wrapper.active_adapter == "a"
     assert {n: p.requires_grad for n, p in wrapper.named_parameters()} == flags
+
+
+def test_generation_counts_the_virtual_tokens(tiny):
+    wrapper = PromptTuningModel(plain_ours(tiny, "gpt2", "causal-lm")).add_prompt("default", N).eval()
+    ids, mask = inputs("gpt2", batch=1, length=10)
+    fits = 64 - N - 10 + 1
+    assert generate(wrapper, ids, mask, max_new_tokens=fits, eos_token_id=-1).shape[1] == 10 + fits
+    with pytest.raises(ValueError, match=rf"^10 prompt tokens \+ {N} virtual tokens \+ {fits + 1} new tokens exceed"):
+        generate(wrapper, ids, mask, max_new_tokens=fits + 1)
+    with disable_adapters(wrapper):  # switched off, the prompt takes no positions
+        assert generate(wrapper, ids, mask, max_new_tokens=fits + N, eos_token_id=-1).shape[1] == 10 + fits + N

@@ -814,7 +814,7 @@ def test_empty_texts_are_left_out_and_missing_answers_are_errors(tiny, tmp_path,
     err = capsys.readouterr().err
     for split in ("train", "validation"):
         assert f"split {split!r}: 2 of 5 rows have no token to predict (empty text) and are left out" in err
-    with pytest.raises(data.DataError, match=r"^split 'train': no row has a token to predict \(are its texts empty\?\)$"):
+    with pytest.raises(data.DataError, match=r"^split 'train': no row has a token to predict \(empty texts, or --max-length 32 too short\?\)$"):
         bad_run(tiny, tmp_path, {"train": [{"text": ""}] * 4, "validation": texts}, family=("gpt2", "causal-lm"))
     rows = pair_rows(4)
     rows[2]["answer"] = None
@@ -869,3 +869,16 @@ def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_pat
     (out / "checkpoint" / "state.json").write_text('{"step": 1, ')
     with pytest.raises(LoadError, match=r"checkpoint/state\.json: not valid JSON"):
         run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
+
+
+def test_rouge_prompts_are_cut_to_max_length_and_must_leave_room(tiny, tmp_path):
+    tok = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")[1]
+    rows = [{"question": "how many legs does a spider have, and how many does an ant have? " * 3, "answer": "8 and 6"}]
+    prompt = tok.encode(data.PAIR_PROMPTS["question"].format(rows[0]["question"]))
+    assert len(prompt) > 20
+    (example,) = data.encode(rows, "causal-lm", tok, 20)
+    assert example["prompt_ids"] == prompt[-20:]  # as the training input's prompt is cut: from the left
+    with pytest.raises(LoadError, match=r"^--max-length 8 \+ 64 tokens generated for --rouge exceeds .* maximum of 64 "
+                                        r"positions$"):
+        bad_run(tiny, tmp_path, {"train": pair_rows(4), "validation": pair_rows(4)}, "--rouge", "--max-length", 8,
+                family=("gpt2", "causal-lm"))
