@@ -247,6 +247,8 @@ def parse_label_words(label_words, names):
     words = [w.strip() for w in label_words.split(",")]
     if len(words) != len(names):
         raise DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
+    if "" in words or len(set(words)) < len(words):  # two labels with one word could never be told apart
+        raise DataError(f"--label-words must give a different, non-empty word for each label, got {words}")
     return words
 
 

@@ -20,10 +20,10 @@ import torch
 import data
 from evaluation import classification_probabilities, evaluate, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
-from lora.adapters import AdapterError, ModulesToSave, check_adapter_folder
+from lora.adapters import CONFIG_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
 from models.generate import too_long
-from models.loading import DECODERS, read_config, resolve
+from models.loading import DECODERS, read_config, read_json, resolve
 from quant.allocator import keep_freed_memory
 
 
@@ -90,9 +90,12 @@ def label_of(entry, merge, full=False):
 
 
 def column_labels(entries, merge):
-    """One table column per entry: its short label, its path where two short labels clash, then a number."""
-    labels = [label_of(e, merge) for e in entries]
-    labels = [lab if labels.count(lab) == 1 else label_of(e, merge, full=True) for lab, e in zip(labels, entries)]
+    """One table column per entry: its short label, its path where two short labels clash, then a number.
+    "(merged)" marks the LoRA adapters --merge merges (a soft prompt cannot be)."""
+    merged = [merge and e != "base" and read_json(Path(e) / CONFIG_FILE, AdapterError).get("peft_type") == "LORA"
+              for e in entries]
+    labels = [label_of(e, m) for e, m in zip(entries, merged)]
+    labels = [lab if labels.count(lab) == 1 else label_of(e, m, full=True) for lab, e, m in zip(labels, entries, merged)]
     return [lab if labels.count(lab) == 1 else f"{lab} #{labels[:i].count(lab) + 1}" for i, lab in enumerate(labels)]
 
 

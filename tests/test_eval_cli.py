@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_cli
-from lora import AdapterError, LoraConfig, apply_lora, save_adapter
+from lora import AdapterError, LoraConfig, PromptTuningModel, apply_lora, save_adapter
 from quant import allocator
 from models import LoadError, Tokenizer, load_model
 from test_qlora import reference_model
@@ -96,9 +96,20 @@ def test_merged_adapter_equals_unmerged(setup):
     folder, _, dataset, adapters = setup
     common = ("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", adapters[0])
     unmerged = run_eval(*common)[adapters[0].name]
-    merged = next(iter(run_eval(*common, "--merge").values()))
+    merged = run_eval(*common, "--merge")
+    assert list(merged) == [f"{adapters[0].name} (merged)"]
+    merged = merged[f"{adapters[0].name} (merged)"]
     assert merged["accuracy"] == unmerged["accuracy"]
     assert merged["loss"] == pytest.approx(unmerged["loss"], abs=1e-5)
+
+
+def test_a_soft_prompt_is_not_labelled_merged(setup, tmp_path):
+    folder, _, dataset, adapters = setup
+    prompt = PromptTuningModel(load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0]).add_prompt("default", 4)
+    save_adapter(prompt, tmp_path / "prompt")
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--merge", "--adapters",
+                       tmp_path / "prompt", adapters[0])
+    assert list(results) == ["prompt", f"{adapters[0].name} (merged)"]
 
 
 def test_predict_prints_peft_probabilities(setup, capsys):

@@ -699,6 +699,10 @@ def test_label_words_must_match_labels(tiny, tmp_path):
     with pytest.raises(data.DataError, match=r"--label-words gives 3 words for 2 labels \[0, 1\]"):
         bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
                 "--label-words", "bad,good,okay", family=("gpt2", "causal-lm"))
+    for words in ("good,good", "bad,"):
+        with pytest.raises(data.DataError, match=r"^--label-words must give a different, non-empty word for each label"):
+            bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
+                    "--label-words", words, family=("gpt2", "causal-lm"))
 
 
 def test_max_length_beyond_positions(tiny, tmp_path):
