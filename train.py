@@ -249,6 +249,35 @@ def set_rng_state(rng):
     np.random.set_state((state[0], np.array(rng["numpy"], dtype=np.uint32), 624, 0, 0.0))
 
 
+# what may change when resuming: how long to train, how often to evaluate and save, and where the run is
+MAY_CHANGE_ON_RESUME = {"resume", "epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience",
+                        "eval_batch_size", "output_dir"}
+
+
+def check_resume(args, out):
+    """--resume needs the interrupted run's checkpoint and its arguments (args.json): other data, batches,
+    learning rate or model would not continue that run but silently start a different one from its middle."""
+    if not (out / "checkpoint" / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+    if not (out / "args.json").is_file():
+        return
+    saved = read_json(out / "args.json")
+    if args.lr is None:  # the interrupted run's default, resolved from its number of steps
+        args.lr = saved.get("lr")
+
+    def same(key, value):
+        if key in ("model", "dataset") and Path(value).exists() and Path(saved[key]).exists():
+            return Path(value).resolve() == Path(saved[key]).resolve()
+        return value == saved[key]
+
+    differ = [f"--{k.replace('_', '-')} {v} here, {saved[k]} there" for k, v in vars(args).items()
+              if k not in MAY_CHANGE_ON_RESUME and k in saved and not same(k, v)]
+    if differ:
+        raise LoadError(f"--resume: other arguments than the interrupted run's ({'; '.join(differ)}); resume with "
+                        f"those in {out / 'args.json'} (only the length of training, how often it evaluates and "
+                        "saves, and --eval-batch-size may change)")
+
+
 def load_trainable(model, path):
     state = load_file(str(path))
     params = dict(model.named_parameters())
@@ -347,6 +376,8 @@ def main(argv=None):
     rank, world = init_distributed()
     is_main = rank == 0
     out = Path(args.output_dir)
+    if args.resume:
+        check_resume(args, out)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -376,10 +407,8 @@ def main(argv=None):
 
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "before": None}
-    if args.resume and (out / "checkpoint" / "state.json").is_file():
+    if args.resume:
         state = read_json(out / "checkpoint" / "state.json")
-    elif args.resume:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
     # both before the first evaluation, so that a wrong target name or an output folder that cannot be
     # made fails at once
     if is_main:

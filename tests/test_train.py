@@ -392,14 +392,25 @@ def test_resume_from_periodic_checkpoint_after_crash(tiny, tmp_path, monkeypatch
 def test_resume_with_other_settings_is_an_error(tiny, tmp_path):
     folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
     run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4, "--rank", 4)
+    message = (r"^--resume: other arguments than the interrupted run's \(--rank 2 here, 4 there; --lr 0\.01 here, "
+               rf"[0-9.e-]+ there\); resume with those in {re.escape(str(out / 'args.json'))} \(only the length of "
+               r"training, how often it evaluates and saves, and --eval-batch-size may change\)$")
+    with pytest.raises(LoadError, match=message):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--rank", 2, "--lr", 0.01, "--resume")
+    # a longer run, the dataset's path spelt otherwise: allowed
+    run(folder, dataset / ".." / dataset.name, out, "--max-steps", 2, "--batch-size", 4, "--rank", 4,
+        "--eval-every", 1, "--resume")
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
+    # without args.json (a run of an older version), the checkpoint's tensors still have to fit
+    (out / "args.json").unlink()
     checkpoint = out / "checkpoint" / "trainable.safetensors"
     message = (rf"^{re.escape(str(checkpoint))} does not fit this run: .*lora_A\.default\.weight is \(4, 32\) there "
                r"and \(2, 32\) here \(and \d+ more\); resume with the settings in the run's args\.json$")
     with pytest.raises(LoadError, match=message):
-        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--rank", 2, "--resume")
+        run(folder, dataset, out, "--max-steps", 3, "--batch-size", 4, "--rank", 2, "--resume")
     with pytest.raises(LoadError, match=r"does not fit this run: it holds .*v_lin\.lora_A\.default\.weight, which "
                                         r"this run does not train"):
-        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--rank", 4, "--target-modules", "q_lin",
+        run(folder, dataset, out, "--max-steps", 3, "--batch-size", 4, "--rank", 4, "--target-modules", "q_lin",
             "--resume")
 
 
