@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import data
 from evaluation import classification_probabilities, evaluate, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
-from lora.adapters import CONFIG_FILE, AdapterError, ModulesToSave, check_adapter_folder
+from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
 from models.generate import too_long
 from models.loading import DECODERS, read_config, read_json, resolve
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none", help="quantize the base while loading")
     p.add_argument("--predict", nargs="+", default=None, metavar="TEXT", help="print softmax probabilities per label for these texts")
     p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
-    p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier")
+    p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier (an "
+                   "adapter that holds its head gives its own)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     for name in ("samples", "max_length", "batch_size", "max_new_tokens", "window", "num_labels"):  # None: left out
@@ -79,6 +81,34 @@ def load_variant(args, folder, model_task, num_labels, entry):
     if args.merge and not hasattr(model, "prompt_embeddings"):
         model = merge_and_unload(model)
     return model.eval(), tokenizer
+
+
+def head_labels(entry):
+    """How many labels the classification head saved in an adapter has (None: base, or no head)."""
+    if entry == "base":
+        return None
+    try:
+        with safe_open(str(Path(entry) / WEIGHTS_FILE), framework="pt") as f:
+            return next((f.get_slice(k).get_shape()[0] for k in f.keys()
+                         if k.split(".")[-2:] in (["classifier", "weight"], ["score", "weight"])), None)
+    except SafetensorError as e:
+        raise AdapterError(f"{Path(entry) / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
+
+
+def label_names(rows, task, adapters, label_words):
+    """The label of each head output. Integer labels are ids 0..K-1, K the most of: the split's largest label
+    + 1, the adapters' heads, the label words; so a split (or --samples) lacking a class still fits the head."""
+    names = data.label_names([rows])
+    heads = {n for n in map(head_labels, adapters) if n}
+    if len(heads) > 1:
+        raise AdapterError(f"the adapters' classification heads have different numbers of labels: {sorted(heads)}")
+    if isinstance(names[0], int):
+        words = len(label_words.split(",")) if task == "generate-label" else 0
+        names = list(range(max(len(names), words, *heads)))
+    if heads and len(names) != min(heads):
+        raise data.DataError(f"the split has {len(names)} labels {names}, the adapter's classification head "
+                             f"{min(heads)}")
+    return names
 
 
 def label_of(entry, merge, full=False):
@@ -126,7 +156,8 @@ def main(argv=None):
             print(f"{prompt!r} -> {tok.decode(row)!r}")
         return {}
     if args.predict:
-        model, tok = load_variant(args, folder, "seq-cls", args.num_labels, args.adapters[0])
+        num_labels = head_labels(args.adapters[0]) or args.num_labels
+        model, tok = load_variant(args, folder, "seq-cls", num_labels, args.adapters[0])
         examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
                                                        max_length=args.max_length, return_tensors=None)["input_ids"]]
         probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
@@ -140,7 +171,7 @@ def main(argv=None):
     task = args.task or data.infer_task(rows, is_decoder)
     data.check_rows(rows, task, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
-    names = data.label_names([rows]) if task != "causal-lm" else None
+    names = label_names(rows, task, args.adapters, args.label_words) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
     if not plain_text:

@@ -228,3 +228,33 @@ def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path
         run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 30)
     result = run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 25)
     assert set(result["base"]) >= {"rouge1", "rouge2", "rougeL"}
+
+
+def test_a_split_lacking_a_class_still_fits_the_adapters_head(tiny, setup, tmp_path, capsys):
+    """The head has NUM_LABELS outputs; rows of labels 0 and 1 only (a --samples cut, say) used to build a 2-label
+    model that the adapter did not fit. --predict takes the head's size from the adapter too."""
+    folder, rows, _, adapters = setup
+    some = [r for r in rows if r["label"] < NUM_LABELS - 1]
+    dataset = write_jsonl(tmp_path / "some", "test", some)
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", adapters[0])
+    logits = peft_logits(folder, adapters[0], [r["text"] for r in some])
+    labels = torch.tensor([r["label"] for r in some])
+    assert results[adapters[0].name]["accuracy"] == (logits.argmax(-1) == labels).sum().item() / len(some)
+    capsys.readouterr()
+    run_eval("--model", folder, "--adapters", adapters[0], "--max-length", MAX_LENGTH, "--predict", "a fine film")
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(printed[0]["probabilities"]) == NUM_LABELS
+    two = load_model(tiny.folder("distilbert", "base"), task="seq-cls", num_labels=2)[0]  # same layers, 2 labels
+    save_adapter(apply_lora(two, LoraConfig(r=4)), tmp_path / "two")
+    with pytest.raises(AdapterError, match=r"^the adapters' classification heads have different numbers of labels: "
+                                           r"\[2, 3\]$"):
+        run_eval("--model", folder, "--dataset", dataset, "--adapters", adapters[0], tmp_path / "two")
+
+
+def test_generate_label_on_a_split_of_one_class(tiny, tmp_path):
+    """Two label words and rows of label 0 only: the labels are 0 and 1 (it used to say 2 words for 1 label)."""
+    rows = [{"text": "a dull film", "label": 0}, {"text": "a tiresome story", "label": 0}]
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    results = run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--dataset", dataset, "--task", "generate-label",
+                       "--label-words", "bad,good")
+    assert results["base"]["accuracy"] in (0.0, 0.5, 1.0)
