@@ -110,6 +110,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.early_stopping_patience and not args.eval_every:
+        p.error("--early-stopping-patience counts evaluations during training; it needs --eval-every")
     if args.method == "none" and args.quant != "none":
         p.error(f"--method none trains every weight, which a quantized base cannot do; use --method lora with "
                 f"--quant {args.quant} (QLoRA), or --quant none")

@@ -259,6 +259,15 @@ def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     assert "--save-merged merges a LoRA adapter" in capsys.readouterr().err
 
 
+def test_early_stopping_needs_evaluations_during_training(capsys):
+    """Without --eval-every there is one evaluation, at the end: the patience would never be used."""
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--model", "x", "--early-stopping-patience", "2"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --early-stopping-patience counts evaluations during training; it needs --eval-every")
+
+
 def test_full_fine_tuning_of_a_quantized_base_is_a_usage_error(capsys):
     """It used to train the biases and norms only and then fail to save, after the whole run."""
     with pytest.raises(SystemExit) as exc:
