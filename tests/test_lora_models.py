@@ -689,8 +689,8 @@ def test_failed_second_adapter_leaves_the_first(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("adapter_config.json", b'{"r": 4,,}', r"adapter_config\.json: not valid JSON \(Expecting property name enclosed in "
-                                          r"double quotes, line 1 column 9\)"),
+    ("adapter_config.json", b'{"r": 4,,}', r"adapter_config\.json: not valid JSON \(Expecting property name enclosed "
+                                          r"in double quotes, line 1 column 9\)"),
     ("adapter_config.json", b'"LORA"', r"adapter_config\.json: expected a JSON object \(\{\.\.\.\}\), found a str"),
     ("adapter_model.safetensors", b"not safetensors", r"adapter_model\.safetensors: not a readable safetensors file"),
 ], ids=["config-syntax", "config-not-an-object", "weights"])

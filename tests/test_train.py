@@ -720,7 +720,7 @@ def test_label_words_must_match_labels(tiny, tmp_path):
         bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
                 "--label-words", "bad,good,okay", family=("gpt2", "causal-lm"))
     for words in ("good,good", "bad,"):
-        with pytest.raises(data.DataError, match=r"^--label-words must give a different, non-empty word for each label"):
+        with pytest.raises(data.DataError, match=r"^--label-words must give a different, non-empty word for each"):
             bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label",
                     "--label-words", words, family=("gpt2", "causal-lm"))
 
@@ -838,7 +838,8 @@ def test_empty_texts_are_left_out_and_missing_answers_are_errors(tiny, tmp_path,
     err = capsys.readouterr().err
     for split in ("train", "validation"):
         assert f"split {split!r}: 2 of 5 rows have no token to predict (empty text) and are left out" in err
-    with pytest.raises(data.DataError, match=r"^split 'train': no row has a token to predict \(empty texts, or --max-length 32 too short\?\)$"):
+    message = r"^split 'train': no row has a token to predict \(empty texts, or --max-length 32 too short\?\)$"
+    with pytest.raises(data.DataError, match=message):
         bad_run(tiny, tmp_path, {"train": [{"text": ""}] * 4, "validation": texts}, family=("gpt2", "causal-lm"))
     rows = pair_rows(4)
     rows[2]["answer"] = None
@@ -878,7 +879,8 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
 def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "train.json").write_text('["a review", "another"]')
-    with pytest.raises(data.DataError, match=r"train\.json: item 0: a row must be a JSON object of columns, found a str$"):
+    with pytest.raises(data.DataError, match=r"train\.json: item 0: a row must be a JSON object of columns, found a "
+                                             r"str$"):
         data.load_splits(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "train.jsonl").write_text('{"text": "fine", "label": 0}\n\n[1, 0]\n')
