@@ -24,6 +24,7 @@ TEXT_COLUMNS = ("text", "sentence", "review", "content")
 PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "completion"))
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
+LABELS_FILE = "labels.json"  # {"labels": [...]} in head order: train.py writes it beside the adapter
 PAIR_PROMPTS = {"question": "Question: {}\nAnswer: ", "document": "{}\nSummary: ", "prompt": "{}"}
 
 

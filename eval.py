@@ -95,14 +95,25 @@ def head_labels(entry):
         raise AdapterError(f"{Path(entry) / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
 
 
-def label_names(rows, task, adapters, label_words):
-    """The label of each head output. Integer labels are ids 0..K-1, K the most of: the split's largest label
-    + 1, the adapters' heads, the label words; so a split (or --samples) lacking a class still fits the head."""
-    names = data.label_names([rows])
+def saved_labels(folder, adapters):
+    """The labels in head order that train.py saved beside the adapters (or the fine-tuned model), or None."""
+    files = [Path(e) / data.LABELS_FILE for e in adapters if e != "base"] + [Path(folder) / data.LABELS_FILE]
+    saved = [read_json(f, AdapterError).get("labels") for f in files if f.is_file()]
+    if any(s != saved[0] for s in saved):
+        raise AdapterError(f"the adapters were trained on different labels: {saved}")
+    return saved[0] if saved else None
+
+
+def label_names(rows, task, folder, adapters, label_words):
+    """The label of each head output: as train.py saved them (labels.json beside the adapter or fine-tuned
+    model), else from the split. Integer labels are then ids 0..K-1, K the most of: the split's largest
+    label + 1, the adapters' heads, the label words; so a split (or --samples) lacking a class still fits."""
+    saved = saved_labels(folder, adapters)
     heads = {n for n in map(head_labels, adapters) if n}
     if len(heads) > 1:
         raise AdapterError(f"the adapters' classification heads have different numbers of labels: {sorted(heads)}")
-    if isinstance(names[0], int):
+    names = saved or data.label_names([rows])  # encoding checks that each row's label is one of them
+    if not saved and isinstance(names[0], int):
         words = len(label_words.split(",")) if task == "generate-label" else 0
         names = list(range(max(len(names), words, *heads)))
     if heads and len(names) != min(heads):
@@ -161,8 +172,10 @@ def main(argv=None):
         examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
                                                        max_length=args.max_length, return_tensors=None)["input_ids"]]
         probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
+        labels = saved_labels(folder, args.adapters[:1])
         for text, row in zip(args.predict, probs.tolist()):
-            print(json.dumps({"text": text, "probabilities": [round(p, 4) for p in row]}))
+            print(json.dumps({"text": text, "probabilities": [round(p, 4) for p in row]}
+                             | ({"labels": labels} if labels else {})))
         return {}
 
     splits = data.load_splits(args.dataset)
@@ -171,7 +184,7 @@ def main(argv=None):
     task = args.task or data.infer_task(rows, is_decoder)
     data.check_rows(rows, task, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
-    names = label_names(rows, task, args.adapters, args.label_words) if task != "causal-lm" else None
+    names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
     if not plain_text:

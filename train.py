@@ -546,7 +546,7 @@ def main(argv=None):
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
                        "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}, f, indent=2)
-        save_output(model, tokenizer, out / "adapter", args)
+        save_output(model, tokenizer, out / "adapter", args, names)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {out / 'adapter'}")
@@ -558,13 +558,17 @@ def main(argv=None):
     return after
 
 
-def save_output(model, tokenizer, folder, args):
-    """The adapter in peft's format (or, after full fine-tuning, the whole model) and the tokenizer."""
+def save_output(model, tokenizer, folder, args, names):
+    """The adapter in peft's format (or, after full fine-tuning, the whole model), the tokenizer and the
+    labels in head order (eval.py maps a split's labels through them)."""
     if args.method == "none":
         save_model(model, folder, tokenizer)
     else:
         save_adapter(model, folder)
         tokenizer.save(folder)
+    if names:
+        with open(folder / data.LABELS_FILE, "w", encoding="utf-8") as f:
+            json.dump({"labels": names}, f)
 
 
 if __name__ == "__main__":

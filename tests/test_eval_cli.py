@@ -258,3 +258,32 @@ def test_generate_label_on_a_split_of_one_class(tiny, tmp_path):
     results = run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--dataset", dataset, "--task", "generate-label",
                        "--label-words", "bad,good")
     assert results["base"]["accuracy"] in (0.0, 0.5, 1.0)
+
+
+def test_labels_saved_by_train_map_a_split_of_named_labels(tiny, tmp_path, capsys):
+    """train.py writes the head's labels (labels.json); eval.py maps a split through them, so a test split of
+    "pos" rows only is scored against head output 1 (it used to build a 1-label model that did not fit)."""
+    import train
+
+    names = {0: "neg", 1: "pos"}
+    rows = [{**r, "label": names[r["label"]]} for r in keyword_rows(16)]
+    write_jsonl(tmp_path / "data", "train", rows)
+    write_jsonl(tmp_path / "data", "validation", rows[:8])
+    folder, out = tiny.folder("bert", "base"), tmp_path / "out"
+    train.main(["--model", str(folder), "--dataset", str(tmp_path / "data"), "--output-dir", str(out),
+                "--max-steps", "2", "--batch-size", "8", "--max-length", str(MAX_LENGTH)])
+    assert json.loads((out / "adapter" / "labels.json").read_text()) == {"labels": ["neg", "pos"]}
+    positive = [r for r in rows if r["label"] == "pos"]
+    dataset = write_jsonl(tmp_path / "pos", "test", positive)
+    capsys.readouterr()
+    run_eval("--model", folder, "--adapters", out / "adapter", "--max-length", MAX_LENGTH, "--predict",
+             *[r["text"] for r in positive])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert all(p["labels"] == ["neg", "pos"] for p in printed)
+    expected = sum(p["probabilities"][1] > p["probabilities"][0] for p in printed) / len(printed)
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters",
+                       out / "adapter")
+    assert results["out"]["accuracy"] == expected  # the column is named by the run folder
+    unknown = write_jsonl(tmp_path / "unknown", "test", [{"text": "so so", "label": "meh"}])
+    with pytest.raises(DataError, match=r"label 'meh' is out of range \(expected one of \['neg', 'pos'\]\)"):
+        run_eval("--model", folder, "--dataset", unknown, "--adapters", out / "adapter")
