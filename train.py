@@ -110,6 +110,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.method == "prompt" and args.prompt_init == "text" and not args.prompt_init_text.strip():
+        p.error("--prompt-init text needs a --prompt-init-text (or use --prompt-init random or sample_vocab)")
     if args.early_stopping_patience and not args.eval_every:
         p.error("--early-stopping-patience counts evaluations during training; it needs --eval-every")
     if args.method == "none" and args.quant != "none":

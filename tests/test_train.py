@@ -259,6 +259,14 @@ def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     assert "--save-merged merges a LoRA adapter" in capsys.readouterr().err
 
 
+def test_text_init_needs_a_text(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--model", "x", "--method", "prompt", "--prompt-init-text", " "])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --prompt-init text needs a --prompt-init-text (or use --prompt-init random or sample_vocab)")
+
+
 def test_early_stopping_needs_evaluations_during_training(capsys):
     """Without --eval-every there is one evaluation, at the end: the patience would never be used."""
     with pytest.raises(SystemExit) as exc:
