@@ -38,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
     p.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N rows of the split (all when omitted)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated; a "
-                   "prompt to generate from keeps its last tokens)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated; "
+                   "--rouge's prompts keep their last tokens)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     p.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id")
     p.add_argument("--rouge", action="store_true", help="prompt/answer pairs: ROUGE of greedy generations")
