@@ -19,6 +19,7 @@ lora_bias, an initialisation that rewrites the base weights such as PiSSA, ...) 
 import copy
 import json
 import re
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,8 +246,14 @@ def _check_adapter(model, name):
 
 
 def set_adapter(model, name):
-    """Make `name` the active (and only trainable) adapter."""
+    """Make `name` the active (and only trainable) adapter. A merged model is unmerged first, with a
+    warning, as peft does (adding an adapter sets one too)."""
     _check_adapter(model, name)
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    if merged:
+        warnings.warn("an adapter cannot be set while the model is merged; unmerging it first", stacklevel=2)
+        for layer in merged:
+            layer.unmerge()
     for _, layer in lora_layers(model):
         layer.set_adapter([name] if name in layer.lora_A else [])
     for _, head in heads(model):

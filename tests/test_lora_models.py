@@ -701,3 +701,36 @@ def test_a_damaged_adapter_file_is_one_line_naming_it(tiny, tmp_path, name, cont
     with pytest.raises(AdapterError, match=f"^{re.escape(str(tmp_path))}/{message}"):
         load_adapter(model, tmp_path)
     assert not hasattr(model, "peft_config")
+
+
+def test_setting_or_adding_an_adapter_while_merged_unmerges_like_peft(tiny):
+    """peft unmerges (with a warning) before it sets an adapter, and adding one sets one; switching used to leave
+    the first adapter merged in, so the model computed it while `active_adapter` named the other."""
+    family, task = "qwen2", "causal-lm"
+    ours, ref = make_pair(tiny, family, task)
+    randomize(ours)
+    copy_ours_to_ref(ours, ref)
+    ids, mask = inputs(family)
+    first = run_ours(ours, ids, mask)
+    merge_adapter(ours)
+    ref.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging it first"):
+        apply_lora(ours, our_config(family, task, r=2, alpha=4), "second")
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        ref.add_adapter("second", ref_config(family, task, r=2, alpha=4))
+    assert not any(m.merged for m in ours.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():  # the second adapter's B only; the first keeps its weights
+        for name, p in ours.named_parameters():
+            if ".lora_B.second." in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(2))
+    copy_ours_to_ref(ours, ref)
+    check_logits(run_ours(ours, ids, mask), first, "the first adapter, unmerged, after adding a second")
+    merge_adapter(ours)
+    ref.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging it first"):
+        set_adapter(ours, "second")
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        ref.set_adapter("second")
+    second = run_ours(ours, ids, mask)
+    check_logits(second, run_ref(ref.eval(), ids, mask), "second adapter set while the first was merged")
+    assert_differs(second, first, "second vs first")
