@@ -196,7 +196,8 @@ def main(argv=None):
         if plain_text:
             window = args.window or args.max_length
             texts = [str(r[data.text_column(rows)]) for r in rows]
-            result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2))
+            result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2),
+                                         desc=f"eval {entry}")
         else:
             longest = max(len(e.get("prompt_ids", ())) for e in examples)
             problem = args.rouge and "reference" in examples[0] and too_long(model, longest, args.max_new_tokens)

@@ -134,9 +134,9 @@ def sliding_window_perplexity(model, token_ids, window, stride):
     return total, count
 
 
-def perplexity_of_texts(model, tokenizer, texts, window, stride):
+def perplexity_of_texts(model, tokenizer, texts, window, stride, desc=None):
     total, count = 0.0, 0
-    for text in texts:
+    for text in tqdm(texts, desc=desc, leave=False, disable=desc is None):
         nll, n = sliding_window_perplexity(model, tokenizer.encode(text), window, stride)
         total, count = total + nll, count + n
     if not count:
