@@ -282,6 +282,15 @@ def check_resume(args, out):
                         "saves, and --eval-batch-size may change)")
 
 
+def check_not_interrupted(out):
+    """A fresh run would overwrite the checkpoint of an interrupted one (no results.json after it) in `out`."""
+    state, results = out / "checkpoint" / "state.json", out / "results.json"
+    if state.is_file() and (not results.is_file() or results.stat().st_mtime < state.stat().st_mtime):
+        step = read_json(state).get("step")
+        raise FileExistsError(f"{out} holds an interrupted run (checkpoint at step {step}); continue it with --resume, "
+                              "or start over in another --output-dir (or after deleting this one)")
+
+
 def load_trainable(model, path):
     state = load_file(str(path))
     params = dict(model.named_parameters())
@@ -382,6 +391,8 @@ def main(argv=None):
     out = Path(args.output_dir)
     if args.resume:
         check_resume(args, out)
+    else:
+        check_not_interrupted(out)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)

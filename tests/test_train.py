@@ -379,6 +379,12 @@ def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=Keyb
             run(folder, dataset, out, *args)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == expect_step
+    # forgetting --resume must not start over on top of the interrupted run
+    message = (rf"^{re.escape(str(out))} holds an interrupted run \(checkpoint at step {expect_step}\); continue it "
+               r"with --resume, or start over in another --output-dir \(or after deleting this one\)$")
+    with pytest.raises(FileExistsError, match=message):
+        run(folder, dataset, out, *args)
+    assert json.loads((out / "checkpoint" / "state.json").read_text()) == state
     run(folder, dataset, out, *args, "--resume")
 
     straight = {r["step"]: r["loss"] for r in log_rows(tmp_path / "straight")}
@@ -429,6 +435,13 @@ def test_resume_with_other_settings_is_an_error(tiny, tmp_path):
                                         r"this run does not train"):
         run(folder, dataset, out, "--max-steps", 3, "--batch-size", 4, "--rank", 4, "--target-modules", "q_lin",
             "--resume")
+
+
+def test_a_finished_run_may_be_run_again_from_scratch(tiny, tmp_path):
+    folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
+    run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4)
+    run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4)
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
 
 
 def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
