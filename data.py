@@ -156,17 +156,18 @@ def check_rows(rows, task, split):
                             f"it has {', '.join(sorted(cols))}")
         text = text_column(rows)
         for number, row in enumerate(rows):
-            if row.get("label") in (None, "") or row.get(text) is None:  # "": an empty CSV cell
-                raise DataError(f"split {split!r} row {number}: missing "
-                                f"{'label' if row.get('label') in (None, '') else text}")
+            missing = "label" if row.get("label") in (None, "") else text if row.get(text) is None else None
+            if missing:  # "": an empty CSV cell
+                raise DataError(f"split {split!r} row {number}: missing {missing}")
     elif task == "causal-lm":
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "
                             f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); it has {', '.join(sorted(cols))}")
+        columns = pair_columns(rows) or (text_column(rows),)
         for number, row in enumerate(rows):
-            for column in pair_columns(rows) or (text_column(rows),):
-                if row.get(column) is None:  # str(None) would train on the word "None"
-                    raise DataError(f"split {split!r} row {number}: missing {column}")
+            missing = next((c for c in columns if row.get(c) is None), None)  # str(None) would train on "None"
+            if missing:
+                raise DataError(f"split {split!r} row {number}: missing {missing}")
     else:
         raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 

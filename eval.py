@@ -16,15 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 import data
 from evaluation import classification_probabilities, evaluate, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
 from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
-from models.generate import too_long
-from models.loading import DECODERS, read_config, read_json, resolve
+from models.loading import DECODERS, open_safetensors, read_config, read_json, resolve
 from quant.allocator import keep_freed_memory
 
 
@@ -88,12 +86,9 @@ def head_labels(entry):
     """How many labels the classification head saved in an adapter has (None: base, or no head)."""
     if entry == "base":
         return None
-    try:
-        with safe_open(str(Path(entry) / WEIGHTS_FILE), framework="pt") as f:
-            return next((f.get_slice(k).get_shape()[0] for k in f.keys()
-                         if k.split(".")[-2:] in (["classifier", "weight"], ["score", "weight"])), None)
-    except SafetensorError as e:
-        raise AdapterError(f"{Path(entry) / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
+    with open_safetensors(Path(entry) / WEIGHTS_FILE, AdapterError) as f:
+        return next((f.get_slice(k).get_shape()[0] for k in f.keys()
+                     if k.split(".")[-2:] in (["classifier", "weight"], ["score", "weight"])), None)
 
 
 def saved_labels(folder, adapters):
@@ -113,13 +108,13 @@ def label_names(rows, task, folder, adapters, label_words):
     heads = {n for n in map(head_labels, adapters) if n}
     if len(heads) > 1:
         raise AdapterError(f"the adapters' classification heads have different numbers of labels: {sorted(heads)}")
+    head = next(iter(heads), None)
     names = saved or data.label_names([rows])  # encoding checks that each row's label is one of them
     if not saved and isinstance(names[0], int):
         words = len(label_words.split(",")) if task == "generate-label" else 0
-        names = list(range(max(len(names), words, *heads)))
-    if heads and len(names) != min(heads):
-        raise data.DataError(f"the split has {len(names)} labels {names}, the adapter's classification head "
-                             f"{min(heads)}")
+        names = list(range(max(len(names), words, head or 0)))
+    if head and len(names) != head:
+        raise data.DataError(f"the split has {len(names)} labels {names}, the adapter's classification head {head}")
     return names
 
 
@@ -159,9 +154,6 @@ def main(argv=None):
         model, tok = load_variant(args, folder, "causal-lm", 2, args.adapters[0])
         tok.padding_side = "left"
         batch = tok(args.generate)
-        problem = too_long(model, batch["input_ids"].shape[1], args.max_new_tokens)
-        if problem:
-            raise LoadError(f"--generate: {problem}")
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:]):
@@ -199,10 +191,6 @@ def main(argv=None):
             result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2),
                                          desc=f"eval {entry}")
         else:
-            longest = max(len(e.get("prompt_ids", ())) for e in examples)
-            problem = args.rouge and "reference" in examples[0] and too_long(model, longest, args.max_new_tokens)
-            if problem:
-                raise LoadError(f"--rouge: {problem} (lower --max-length or --max-new-tokens)")
             result = evaluate(model, examples, task, tok, args.batch_size, words, args.rouge, args.max_new_tokens,
                               desc=f"eval {entry}")
         results[column] = result

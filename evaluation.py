@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 import metrics
 from data import DataError, collate
 from models import generate
-
-ROUGE_NEW_TOKENS = 64  # summary tokens generated for ROUGE (train.py's; eval.py has --max-new-tokens)
+from models.generate import check_room
 
 
 def next_token_nll(model, batch):
@@ -72,8 +71,7 @@ def classification_metrics(probs_or_scores, labels, loss=None):
 
 
 @torch.no_grad()
-def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=ROUGE_NEW_TOKENS,
-             desc=None):
+def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=64, desc=None):
     """Metrics of `model` on encoded `examples` for `task` (see the module docstring)."""
     model.eval()
     if task == "seq-cls":
@@ -84,12 +82,15 @@ def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=
     if task == "generate-label":
         scores = label_word_scores(model, examples, tokenizer, words, batch_size, desc)
         return classification_metrics(scores, [e["label"] for e in examples])
+    rouge = rouge and "reference" in examples[0]
+    if rouge:  # before the perplexity pass, which may take minutes
+        check_room(model, max(len(e["prompt_ids"]) for e in examples), max_new_tokens)
     total, count = 0.0, 0
     for batch in batches(examples, batch_size, tokenizer.pad_token_id, desc=desc):
         nll, n = next_token_nll(model, batch)
         total, count = total + nll.item(), count + n
     result = {"loss": total / max(count, 1), "perplexity": metrics.perplexity(total, count)}
-    if rouge and "reference" in examples[0]:
+    if rouge:
         predictions = generate_answers(model, examples, tokenizer, batch_size, max_new_tokens)
         result.update(metrics.rouge_corpus(predictions, [e["reference"] for e in examples]))
     return result

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
-from evaluation import ROUGE_NEW_TOKENS, evaluate, next_token_nll
+from evaluation import evaluate, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names
@@ -350,12 +350,10 @@ def build_model(args, folder, cfg, task, num_labels):
     if model_task == "causal-lm" and cfg["model_type"] not in DECODERS:
         raise LoadError(f"task {task} needs a decoder; {args.model} is a {cfg['model_type']} encoder (use --task seq-cls)")
     max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    virtual = args.num_virtual_tokens if args.method == "prompt" else 0
-    generated = ROUGE_NEW_TOKENS if args.rouge and task == "causal-lm" else 0  # continuing prompts of --max-length
-    if args.max_length + virtual + max(generated - 1, 0) > max_positions:
-        raise LoadError(f"--max-length {args.max_length}" + (f" + {virtual} virtual tokens" if virtual else "")
-                        + (f" + {generated} tokens generated for --rouge" if generated else "")
-                        + f" exceeds {args.model}'s maximum of {max_positions} positions")
+    needed = args.max_length + (args.num_virtual_tokens if args.method == "prompt" else 0)
+    if needed > max_positions:
+        raise LoadError(f"--max-length {args.max_length}" + (f" + {args.num_virtual_tokens} virtual tokens"
+                        if args.method == "prompt" else "") + f" exceeds {args.model}'s maximum of {max_positions} positions")
     # QLoRA is about memory: freed activations leave the process; otherwise they are reused, so a step
     # does not page-fault in fresh memory (quant/allocator.py)
     (keep_freed_memory if args.quant == "none" else map_large_allocations)()

@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from models.loading import read_json
+from models.loading import open_safetensors, read_json
 
 from .layer import LoRALinear, is_linear_base
 
@@ -443,11 +442,8 @@ def check_adapter_folder(folder):
 def read_adapter_files(folder):
     folder = Path(folder)
     check_adapter_folder(folder)
-    config = read_json(folder / CONFIG_FILE, AdapterError)
-    try:
-        return config, load_file(str(folder / WEIGHTS_FILE))
-    except SafetensorError as e:
-        raise AdapterError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
+    with open_safetensors(folder / WEIGHTS_FILE, AdapterError) as f:
+        return read_json(folder / CONFIG_FILE, AdapterError), {key: f.get_tensor(key) for key in f.keys()}
 
 
 # peft options that change which tensors an adapter has or what its layers compute: refused, not ignored

@@ -7,6 +7,7 @@ row's next token is then at the same position -1, and the attention mask hides t
 import torch
 
 from .common import KVCache
+from .loading import LoadError
 
 
 def sample_next(logits, do_sample, temperature, top_p, generator):
@@ -22,15 +23,14 @@ def sample_next(logits, do_sample, temperature, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def too_long(model, prompt_length, max_new_tokens):
-    """Why prompt + new tokens do not fit the model's positions, or None: checked before the first step,
-    not when the model meets the position max_new_tokens steps later."""
+def check_room(model, prompt_length, max_new_tokens):
+    """Raise LoadError unless prompt + new tokens fit the model's positions: checked before the first
+    step, not when the model meets the position max_new_tokens steps later."""
     limit = next((m.max_positions for m in model.modules() if hasattr(m, "max_positions")), None)
     virtual = getattr(model, "virtual_tokens", 0)  # a soft prompt's positions (lora/prompt_tuning.py)
-    if limit is None or virtual + prompt_length + max_new_tokens - 1 <= limit:  # the last token is not fed back
-        return None
-    return (f"{prompt_length} prompt tokens" + (f" + {virtual} virtual tokens" if virtual else "")
-            + f" + {max_new_tokens} new tokens exceed the model's maximum of {limit} positions")
+    if limit is not None and virtual + prompt_length + max_new_tokens - 1 > limit:  # the last token is not fed back
+        raise LoadError(f"{prompt_length} prompt tokens" + (f" + {virtual} virtual tokens" if virtual else "")
+                        + f" + {max_new_tokens} new tokens exceed the model's maximum of {limit} positions")
 
 
 @torch.no_grad()
@@ -45,9 +45,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    problem = too_long(model, input_ids.shape[1], max_new_tokens)
-    if problem:
-        raise ValueError(problem)
+    check_room(model, input_ids.shape[1], max_new_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)

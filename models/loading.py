@@ -35,7 +35,8 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 
 
 class LoadError(ValueError):
-    """A checkpoint that cannot be found or does not fit the model; the message says which and why."""
+    """A checkpoint that cannot be found or does not fit the model, or an input that does not fit it (a
+    generation past its positions); the message says which and why."""
 
 
 def read_json(path, error=LoadError):
@@ -50,6 +51,14 @@ def read_json(path, error=LoadError):
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object ({{...}}), found a {type(value).__name__}")
     return value
+
+
+def open_safetensors(path, error=LoadError):
+    """safe_open on `path`; a file the safetensors library cannot read raises `error` naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise error(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def models_dir():
@@ -147,11 +156,7 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
     pending, quantized = {}, set()  # layer name -> its tensors read so far; names of quantized tensors
     state = {}
     for file in weight_files(folder):
-        try:
-            opened = safe_open(str(file), framework="pt")
-        except SafetensorError as e:
-            raise LoadError(f"{file}: not a readable safetensors file ({e})") from None
-        with opened as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 name = checkpoint_name_to_ours(key, ours, prefix)
                 if name is None:

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_cli
+import evaluation
 from lora import AdapterError, LoraConfig, PromptTuningModel, apply_lora, save_adapter
 from quant import allocator
 from models import LoadError, Tokenizer, load_model
 from test_qlora import reference_model
+import data
 from data import DataError
 from test_train import keyword_rows, write_jsonl
 from tiny import NUM_LABELS, load_hf
@@ -214,18 +216,21 @@ def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
                                     "initialised at random, its predictions are chance"]}
 
 
-def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path):
-    """Before generating (it used to fail with a traceback after max_new_tokens - 1 steps); ROUGE's prompts are cut
-    to --max-length like the training inputs, so --max-length + --max-new-tokens is what must fit."""
+def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path, monkeypatch):
+    """Before generating (it used to fail with a traceback after max_new_tokens - 1 steps), and for --rouge before
+    the perplexity pass; ROUGE's prompts are cut to --max-length like the training inputs, so --max-length +
+    --max-new-tokens is what must fit."""
     folder = tiny.folder("gpt2", "causal-lm")
-    with pytest.raises(LoadError, match=r"^--generate: \d+ prompt tokens \+ 70 new tokens exceed the model's maximum "
-                                        r"of 64 positions$"):
+    with pytest.raises(LoadError, match=r"^\d+ prompt tokens \+ 70 new tokens exceed the model's maximum of 64 "
+                                        r"positions$"):
         run_eval("--model", folder, "--generate", "a wonderful film", "--max-new-tokens", 70)
     rows = [{"question": "what is two and two, and why is it so? " * 4, "answer": "four"}] * 3
     dataset = write_jsonl(tmp_path / "data", "test", rows)
-    with pytest.raises(LoadError, match=r"^--rouge: 40 prompt tokens \+ 30 new tokens exceed the model's maximum of 64 "
-                                        r"positions \(lower --max-length or --max-new-tokens\)$"):
-        run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 30)
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "next_token_nll", lambda *a: pytest.fail("the perplexity pass ran first"))
+        with pytest.raises(LoadError, match=r"^40 prompt tokens \+ 30 new tokens exceed the model's maximum of 64 "
+                                            r"positions$"):
+            run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 30)
     result = run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 25)
     assert set(result["base"]) >= {"rouge1", "rouge2", "rougeL"}
 
@@ -255,9 +260,21 @@ def test_generate_label_on_a_split_of_one_class(tiny, tmp_path):
     """Two label words and rows of label 0 only: the labels are 0 and 1 (it used to say 2 words for 1 label)."""
     rows = [{"text": "a dull film", "label": 0}, {"text": "a tiresome story", "label": 0}]
     dataset = write_jsonl(tmp_path / "data", "test", rows)
-    results = run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--dataset", dataset, "--task", "generate-label",
-                       "--label-words", "bad,good")
-    assert results["base"]["accuracy"] in (0.0, 0.5, 1.0)
+    folder = tiny.folder("gpt2", "causal-lm")
+    results = run_eval("--model", folder, "--dataset", dataset, "--task", "generate-label", "--label-words", "bad,good")
+    # the reference: transformers' log-likelihood of " bad" + eos against " good" + eos after the prompt
+    hf, tok = load_hf(folder, "gpt2", "causal-lm"), load_model(folder, task="causal-lm")[1]
+    right = 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = tok.encode(data.LABEL_PROMPT.format(text=row["text"]))
+            scores = []
+            for word in ("bad", "good"):
+                answer = tok.encode(" " + word, add_special_tokens=False) + [tok.eos_token_id]
+                logp = hf(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+                scores.append(logp.gather(-1, torch.tensor(answer)[:, None]).sum().item())
+            right += scores[0] > scores[1]
+    assert results["base"]["accuracy"] == right / len(rows)
 
 
 def test_labels_saved_by_train_map_a_split_of_named_labels(tiny, tmp_path, capsys):
