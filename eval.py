@@ -22,7 +22,7 @@ from evaluation import classification_probabilities, evaluate, perplexity_of_tex
 from lora import load_adapter, merge_and_unload
 from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
-from models.loading import DECODERS, open_safetensors, read_config, read_json, resolve
+from models.loading import DECODERS, check_positions, open_safetensors, read_config, read_json, resolve
 from quant.allocator import keep_freed_memory
 
 
@@ -118,6 +118,18 @@ def label_names(rows, task, folder, adapters, label_words):
     return names
 
 
+def check_lengths(args, cfg, entries, plain_text):
+    """Each entry's inputs fit the model: --max-length (or the perplexity --window) plus the tokens of a soft
+    prompt, checked before any evaluation instead of failing inside the forward of a long example."""
+    flag, tokens = ("--window", args.window) if plain_text and args.window else ("--max-length", args.max_length)
+    for entry in entries:
+        config = {} if entry == "base" else read_json(Path(entry) / CONFIG_FILE, AdapterError)
+        virtual = config.get("num_virtual_tokens") if config.get("peft_type") == "PROMPT_TUNING" else 0
+        virtual = virtual if isinstance(virtual, int) else 0  # a bad value is load_adapter's error to report
+        check_positions(cfg, args.model, tokens + virtual,
+                        f"{flag} {tokens}" + (f" + {virtual} virtual tokens of {entry}" if virtual else ""))
+
+
 def label_of(entry, merge, full=False):
     if entry == "base":
         return "base"
@@ -160,6 +172,7 @@ def main(argv=None):
             print(f"{prompt!r} -> {tok.decode(row)!r}")
         return {}
     if args.predict:
+        check_lengths(args, cfg, args.adapters[:1], plain_text=False)
         num_labels = head_labels(args.adapters[0]) or args.num_labels
         model, tok = load_variant(args, folder, "seq-cls", num_labels, args.adapters[0])
         examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
@@ -180,6 +193,7 @@ def main(argv=None):
     names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
+    check_lengths(args, cfg, args.adapters, plain_text)
     if not plain_text:
         examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"

@@ -35,7 +35,7 @@ from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disab
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names
 from models import Tokenizer, load_model, save_model
-from models.loading import DECODERS, LoadError, read_config, read_json, resolve
+from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve
 from quant import dequantize_model
 from quant.allocator import keep_freed_memory, map_large_allocations
 
@@ -349,11 +349,9 @@ def build_model(args, folder, cfg, task, num_labels):
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
     if model_task == "causal-lm" and cfg["model_type"] not in DECODERS:
         raise LoadError(f"task {task} needs a decoder; {args.model} is a {cfg['model_type']} encoder (use --task seq-cls)")
-    max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    needed = args.max_length + (args.num_virtual_tokens if args.method == "prompt" else 0)
-    if needed > max_positions:
-        raise LoadError(f"--max-length {args.max_length}" + (f" + {args.num_virtual_tokens} virtual tokens"
-                        if args.method == "prompt" else "") + f" exceeds {args.model}'s maximum of {max_positions} positions")
+    prompt = args.method == "prompt"
+    check_positions(cfg, args.model, args.max_length + (args.num_virtual_tokens if prompt else 0),
+                    f"--max-length {args.max_length}" + (f" + {args.num_virtual_tokens} virtual tokens" if prompt else ""))
     # QLoRA is about memory: freed activations leave the process; otherwise they are reused, so a step
     # does not page-fault in fresh memory (quant/allocator.py)
     (keep_freed_memory if args.quant == "none" else map_large_allocations)()

@@ -102,6 +102,13 @@ def read_config(folder):
     return cfg
 
 
+def check_positions(cfg, model_name, tokens, asked_by):
+    """LoadError unless `tokens` positions fit the model; `asked_by` names the flags that ask for them."""
+    max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if tokens > max_positions:
+        raise LoadError(f"{asked_by} exceeds {model_name}'s maximum of {max_positions} positions")
+
+
 def weight_files(folder):
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"

@@ -195,7 +195,7 @@ def test_empty_texts_add_nothing_to_perplexity(tiny, tmp_path, family):
     assert results["base"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     empty = write_jsonl(tmp_path / "empty", "test", [{"text": ""}] * 3)
     with pytest.raises(DataError, match=r"^none of the 3 texts has a token to predict \(are they empty\?\)$"):
-        run_eval("--model", folder, "--dataset", empty, "--task", "causal-lm")
+        run_eval("--model", folder, "--dataset", empty, "--task", "causal-lm", "--max-length", 64)
 
 
 def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
         save_adapter(apply_lora(model, LoraConfig(r=4, modules_to_save=heads)), tmp_path / name)
     notes = {}
     for entry in ("base", tmp_path / "trained_head", tmp_path / "no_head"):
-        run_eval("--model", folder, "--adapters", entry, "--predict", "a wonderful film")
+        run_eval("--model", folder, "--adapters", entry, "--predict", "a wonderful film", "--max-length", 64)
         notes[str(entry)] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert notes == {
         "base": ["note: base: no pre_classifier, classifier in the checkpoint; initialised at random, its predictions "
@@ -214,6 +214,31 @@ def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
         str(tmp_path / "trained_head"): [],
         str(tmp_path / "no_head"): ["note: no_head: no pre_classifier, classifier in the checkpoint or the adapter; "
                                     "initialised at random, its predictions are chance"]}
+
+
+def test_inputs_longer_than_the_positions_fail_first(tiny, tmp_path, monkeypatch):
+    """--max-length (or the perplexity --window) plus a soft prompt's tokens must fit the model's 64 positions:
+    one line naming the flags before any evaluation; it used to be a traceback from the forward of a long
+    example. As long as they fit, the long example is evaluated."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    prompt = PromptTuningModel(load_model(folder, task="causal-lm")[0]).add_prompt("default", 8)
+    save_adapter(prompt, tmp_path / "prompt")
+    dataset = write_jsonl(tmp_path / "data", "test", [{"text": "a long and winding review of a film " * 20}])
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "next_token_nll", lambda *a: pytest.fail("an evaluation ran first"))
+        with pytest.raises(LoadError, match=r"^--max-length 100 exceeds .*gpt2-causal-lm's maximum of 64 positions$"):
+            run_eval("--model", folder, "--dataset", dataset, "--task", "causal-lm", "--max-length", 100)
+        with pytest.raises(LoadError, match=r"^--window 65 exceeds .*gpt2-causal-lm's maximum of 64 positions$"):
+            run_eval("--model", folder, "--dataset", dataset, "--task", "causal-lm", "--window", 65)
+        with pytest.raises(LoadError, match=r"^--max-length 57 \+ 8 virtual tokens of .*prompt exceeds .*maximum of 64 "
+                                            r"positions$"):
+            run_eval("--model", folder, "--dataset", dataset, "--max-length", 57, "--adapters", "base",
+                     tmp_path / "prompt")
+        with pytest.raises(LoadError, match=r"^--max-length 60 \+ 8 virtual tokens of .*prompt exceeds"):
+            run_eval("--model", folder, "--predict", "a film", "--max-length", 60, "--adapters", tmp_path / "prompt")
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", 56, "--adapters", "base",
+                       tmp_path / "prompt")
+    assert set(results) == {"base", "prompt"} and all(math.isfinite(r["perplexity"]) for r in results.values())
 
 
 def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path, monkeypatch):
@@ -261,7 +286,8 @@ def test_generate_label_on_a_split_of_one_class(tiny, tmp_path):
     rows = [{"text": "a dull film", "label": 0}, {"text": "a tiresome story", "label": 0}]
     dataset = write_jsonl(tmp_path / "data", "test", rows)
     folder = tiny.folder("gpt2", "causal-lm")
-    results = run_eval("--model", folder, "--dataset", dataset, "--task", "generate-label", "--label-words", "bad,good")
+    results = run_eval("--model", folder, "--dataset", dataset, "--task", "generate-label", "--label-words", "bad,good",
+                       "--max-length", 64)
     # the reference: transformers' log-likelihood of " bad" + eos against " good" + eos after the prompt
     hf, tok = load_hf(folder, "gpt2", "causal-lm"), load_model(folder, task="causal-lm")[1]
     right = 0
@@ -303,4 +329,4 @@ def test_labels_saved_by_train_map_a_split_of_named_labels(tiny, tmp_path, capsy
     assert results["out"]["accuracy"] == expected  # the column is named by the run folder
     unknown = write_jsonl(tmp_path / "unknown", "test", [{"text": "so so", "label": "meh"}])
     with pytest.raises(DataError, match=r"label 'meh' is out of range \(expected one of \['neg', 'pos'\]\)"):
-        run_eval("--model", folder, "--dataset", unknown, "--adapters", out / "adapter")
+        run_eval("--model", folder, "--dataset", unknown, "--max-length", MAX_LENGTH, "--adapters", out / "adapter")
