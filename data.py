@@ -1,7 +1,8 @@
 """Datasets for train.py and eval.py: read the splits, check the columns, turn rows into token ids.
 
-A dataset is a Hub name (read with `datasets.load_dataset`) or a local folder of split files
-(`train.jsonl`, `validation.csv`, `test.parquet`, ...) or one file (used as the train split).
+A dataset is a Hub name (read with `datasets.load_dataset`) or a local folder of UTF-8 split files
+(`train.jsonl`, `validation.csv`, `test.parquet`, ...; the Hub's shards `train-00000-of-00002.parquet`, ...
+make one split) or one file (used as the train split).
 Columns are the Hub's: `text` + `label` for classification, `question` + `answer` (GSM8K) or
 `document` + `summary` (XSum) for prompt/answer pairs, `text` alone for plain language modelling.
 
@@ -43,7 +44,7 @@ class DataError(ValueError):
 
 def read_json_rows(path):
     """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is skipped
         if path.suffix == ".json" and f.read(1) == "[":
             f.seek(0)
             try:
@@ -69,10 +70,18 @@ def read_json_rows(path):
 
 def read_file(path):
     path = Path(path)
+    try:
+        return read_rows(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as "
+                        "UTF-8") from None
+
+
+def read_rows(path):
     if path.suffix in (".jsonl", ".json"):
         return read_json_rows(path)
     if path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
         # CSV has only strings; integer labels must stay integers, or "10" would sort between "1" and "2"
         if rows and all(re.fullmatch(r"-?\d+", str(row.get("label"))) for row in rows):
@@ -80,9 +89,13 @@ def read_file(path):
                 row["label"] = int(row["label"])
         return rows
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # comes with `datasets`
+        import pyarrow  # comes with `datasets`
+        import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -93,7 +106,15 @@ def load_splits(dataset):
         files = sorted(p for p in path.iterdir() if p.suffix in FORMATS)
         if not files:
             raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
-        return {p.stem: read_file(p) for p in files}
+        splits, sources = {}, {}
+        for p in files:  # the Hub's shards (train-00000-of-00002.parquet, ...) are parts of one split
+            name = re.sub(r"-\d+-of-\d+$", "", p.stem)
+            if name in sources and sources[name].suffix != p.suffix:
+                raise DataError(f"{path}: split {name!r} is in two files, {sources[name].name} and {p.name}; "
+                                "keep one")
+            sources[name] = p
+            splits.setdefault(name, []).extend(read_file(p))
+        return splits
     if path.is_file():
         return {"train": read_file(path)}
     if path.suffix in FORMATS or str(dataset).startswith((".", "/", "~")) or str(dataset).count("/") > 1:

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="distilbert", help="local folder, fetched name (minilm-l6, smollm2-135m), alias or Hub id")
-    g.add_argument("--dataset", default="rotten_tomatoes", help="Hub name, or a local folder of split files / one file (jsonl, csv, parquet)")
+    g.add_argument("--dataset", default="rotten_tomatoes", help="Hub name, or a local folder of UTF-8 split files "
+                   "(train.jsonl, test.csv, ...; the Hub's train-00000-of-00002.parquet shards make one split) or one file")
     g.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
     g.add_argument("--train-split", default="train", help="split to train on")
     g.add_argument("--eval-split", default=None, help="split for evaluation during training (default: validation, else test)")

@@ -897,6 +897,51 @@ def test_csv_and_parquet_read_like_jsonl(tmp_path):
         data.check_rows(loaded, "seq-cls", "train")
 
 
+def test_split_files_as_the_hub_lays_them_out(tmp_path):
+    """datasets.load_dataset is the reference: the Hub's shards (train-00000-of-00002.parquet, ...) are one
+    split, and files that begin with a byte-order mark read as without it. Before, each shard was a split of
+    its own and a BOM was a JSON error (a CSV's first column was named '\\ufefftext'). A split in two
+    formats, a file that is not UTF-8 and a damaged Parquet file are one line each (were a silent pick of
+    one file and two tracebacks)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"review number {i}", "label": i % 2} for i in range(30)]
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for i, part in enumerate((rows[:10], rows[10:25], rows[25:])):
+        pq.write_table(pa.Table.from_pylist(part), hub / f"train-{i:05d}-of-00003.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:4]), hub / "test-00000-of-00001.parquet")
+    bom, bom_csv = tmp_path / "bom", tmp_path / "bom_csv"
+    bom.mkdir()
+    bom_csv.mkdir()
+    for split, part in (("train", rows), ("test", rows[:4])):
+        (bom / f"{split}.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        (bom_csv / f"{split}.csv").write_text("\ufefftext,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in part),
+                                            encoding="utf-8")
+    for folder in (hub, bom, bom_csv):
+        reference = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))  # not ~/.cache
+        ours = data.load_splits(folder)
+        assert set(ours) == set(reference) == {"train", "test"}, folder.name
+        for split in ours:
+            assert ours[split] == list(reference[split]), (folder.name, split)
+    (bom / "train.csv").write_text("text,label\nfine,1\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"^.*bom: split 'train' is in two files, train.csv and train.jsonl; "
+                                             r"keep one$"):
+        data.load_splits(bom)
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "test.jsonl").write_bytes('{"text": "café", "label": 0}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"test.jsonl: not UTF-8 text \(byte 0xe9 at offset 13\); save it as "
+                                             r"UTF-8$"):
+        data.load_splits(latin)
+    (latin / "test.jsonl").write_text("not a parquet file")
+    (latin / "test.jsonl").rename(latin / "test.parquet")
+    with pytest.raises(data.DataError, match=r"test.parquet: not a readable Parquet file \(.*\)$"):
+        data.load_splits(latin)
+
+
 def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "train.json").write_text('["a review", "another"]')
