@@ -48,8 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none", help="quantize the base while loading")
     p.add_argument("--predict", nargs="+", default=None, metavar="TEXT", help="print softmax probabilities per label for these texts")
     p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
-    p.add_argument("--num-labels", type=int, default=2, help="--predict: number of labels of the classifier (an "
-                   "adapter that holds its head gives its own)")
+    p.add_argument("--num-labels", type=int, default=None, help="--predict: number of labels of the classifier "
+                   "(default: the adapter's head, else the checkpoint's config, else 2)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     for name in ("samples", "max_length", "batch_size", "max_new_tokens", "window", "num_labels"):  # None: left out
@@ -66,15 +66,21 @@ def parse_args(argv=None):
 def load_variant(args, folder, model_task, num_labels, entry):
     """The base model with one adapter (or none) applied, optionally merged."""
     model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
-                                  quant=None if args.quant == "none" else args.quant)
+                                  quant=None if args.quant == "none" else args.quant, ignore_mismatched_sizes=True)
     base = model
     if entry != "base":
         model = load_adapter(model, entry, adapter_name="default")
-    untrained = [h for h in getattr(base, "random_heads", []) if not isinstance(base.get_submodule(h), ModulesToSave)]
-    if untrained:  # an adapter with the head trained wraps it; merging would hide that, so look now
-        source = "the checkpoint" if entry == "base" else "the checkpoint or the adapter"
-        print(f"note: {label_of(entry, False)}: no {', '.join(untrained)} in {source}; initialised at random, its "
-              "predictions are chance", file=sys.stderr)
+    # an adapter with the head trained wraps it; merging would hide that, so look now
+    untrained = [h for h in base.random_heads if not isinstance(base.get_submodule(h), ModulesToSave)]
+    resized = [h for h in untrained if h in base.resized_heads]
+    absent = [h for h in untrained if h not in resized]
+    source = "the checkpoint" if entry == "base" else "the checkpoint or the adapter"
+    for heads, why in ((absent, f"no {', '.join(absent)} in {source}"),
+                       (resized, f"the checkpoint's {', '.join(resized)} is sized for another number of labels "
+                                 f"than {num_labels}" + ("" if entry == "base" else " and the adapter has none"))):
+        if heads:
+            print(f"note: {label_of(entry, False)}: {why}; initialised at random, its predictions are chance",
+                  file=sys.stderr)
     if entry == "base":
         return model, tokenizer
     if args.merge and not hasattr(model, "prompt_embeddings"):
@@ -173,7 +179,9 @@ def main(argv=None):
         return {}
     if args.predict:
         check_lengths(args, cfg, args.adapters[:1], plain_text=False)
-        num_labels = head_labels(args.adapters[0]) or args.num_labels
+        id2label = cfg.get("id2label")
+        num_labels = head_labels(args.adapters[0]) or args.num_labels or (len(id2label) if isinstance(id2label, dict)
+                                                                           else 2)
         model, tok = load_variant(args, folder, "seq-cls", num_labels, args.adapters[0])
         examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
                                                        max_length=args.max_length, return_tensors=None)["input_ids"]]

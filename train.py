@@ -357,7 +357,7 @@ def build_model(args, folder, cfg, task, num_labels):
     # does not page-fault in fresh memory (quant/allocator.py)
     (keep_freed_memory if args.quant == "none" else map_large_allocations)()
     return load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
-                      quant=None if args.quant == "none" else args.quant)
+                      quant=None if args.quant == "none" else args.quant, ignore_mismatched_sizes=True)
 
 
 def add_method(args, model, tokenizer):
@@ -403,6 +403,9 @@ def main(argv=None):
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
+    if model.resized_heads and is_main:
+        print(f"note: {args.model}'s {', '.join(model.resized_heads)} is sized for another number of labels than "
+              f"the data's {len(names)}; it starts at random", file=sys.stderr)
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
     if metric not in HIGHER_IS_BETTER:
         raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")

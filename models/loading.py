@@ -149,18 +149,20 @@ def quantization_targets(model, quant):
     return {name: m for name, m in model.named_modules() if is_linear(m) and not is_skipped(name)}
 
 
-def load_weights(model, folder, dtype, prefix, std, quant=None):
+def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatched_sizes=False):
     """Read each tensor of the checkpoint once into the meta-built `model`; initialise new heads.
 
     With `quant`, each target linear layer is quantized as soon as its tensors are read, so at most
     one layer's full-precision weight is alive at a time (QLoRA's point: the fp32 model never exists).
+    ignore_mismatched_sizes: a task head whose checkpoint tensors have another shape (another number of
+    labels) is initialised fresh, as transformers' option of that name does, instead of an error.
     """
     tied = getattr(model, "tie_word_embeddings", False)
     ours = {name: p.shape for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")}
     targets = quantization_targets(model, quant)
     if targets:
         from quant.linear import FORMATS
-    pending, quantized = {}, set()  # layer name -> its tensors read so far; names of quantized tensors
+    pending, quantized, resized = {}, set(), set()  # layer -> tensors read so far; quantized; left for a new head
     state = {}
     for file in weight_files(folder):
         with open_safetensors(file) as f:
@@ -169,9 +171,13 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
                 if name is None:
                     continue  # another task's head (e.g. an LM head when classifying) or an old buffer
                 shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(ours[name]) and is_new_head(name, model) and ignore_mismatched_sizes:
+                    resized.add(name)
+                    continue
                 if shape != tuple(ours[name]):
                     raise LoadError(f"{file}: tensor {key} has shape {shape}, the model expects {tuple(ours[name])}"
-                                    + (" (pass num_labels to match the checkpoint)" if is_new_head(name, model) else ""))
+                                    + (" (pass num_labels to match the checkpoint, or ignore_mismatched_sizes=True "
+                                       "for a new head)" if is_new_head(name, model) else ""))
                 owner, _, attr = name.rpartition(".")
                 if owner not in targets:
                     tensor = f.get_tensor(key).to(dtype)
@@ -192,23 +198,27 @@ def load_weights(model, folder, dtype, prefix, std, quant=None):
         raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False, assign=True)
-    model.random_heads = []  # heads the checkpoint lacks: initialised at random, untrained
+    model.random_heads = []  # heads the checkpoint lacks (or has in another size): initialised at random
     for head in model.new_head_names:
         module = model.get_submodule(head)
-        if any(p.is_meta for p in module.parameters()):
+        if any(p.is_meta for p in module.parameters()) or any(n.startswith(head + ".") for n in resized):
             module.to_empty(device="cpu").to(dtype)
             init_new_weights(module, std)
             model.random_heads.append(head)
+    model.resized_heads = sorted({h for h in model.random_heads if any(n.startswith(h + ".") for n in resized)})
     if tied:
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
 
 
-def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None, quant=None):
+def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None, quant=None,
+               ignore_mismatched_sizes=False):
     """Load a Hugging Face checkpoint into our model. Returns (model in eval mode, Tokenizer).
 
     task: "causal-lm" (logits (B, T, vocab)), "seq-cls" (logits (B, num_labels)) or "base" (hidden (B, T, C)).
     quant: None, "nf4", "nf4-dq" (NF4 + double quantization) or "int8" (LLM.int8): the linear layers
     except the heads are quantized while loading (quant/), computing in `dtype`.
+    ignore_mismatched_sizes: a classification head the checkpoint holds for another number of labels
+    starts fresh (listed in model.resized_heads, as heads it lacks are in model.random_heads).
     """
     if task not in TASKS:
         raise LoadError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -226,7 +236,8 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
         raise LoadError(f"{folder}/config.json lacks the key {e.args[0]!r} that {cfg['model_type']} needs") from None
     except ValueError as e:
         raise LoadError(f"{folder}: {e}") from None
-    load_weights(model, folder, dtype, family.BASE_PREFIX, cfg.get("initializer_range", 0.02), quant)
+    load_weights(model, folder, dtype, family.BASE_PREFIX, cfg.get("initializer_range", 0.02), quant,
+                 ignore_mismatched_sizes)
     model.config, model.name_or_path = cfg, str(name_or_path)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     return model.eval(), tokenizer

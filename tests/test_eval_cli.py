@@ -126,6 +126,22 @@ def test_predict_prints_peft_probabilities(setup, capsys):
     torch.testing.assert_close(got, expected, rtol=0, atol=6e-5)  # printed with 4 decimals
 
 
+def test_predict_takes_the_label_count_of_the_checkpoint(tiny, capsys):
+    """--predict on a fine-tuned checkpoint without --num-labels: its config's id2label (3 labels here) sizes the
+    head, so the probabilities are transformers'; it used to assume 2 and stop on the head's shape."""
+    folder = tiny.folder("bert", "seq-cls")
+    texts = ["a wonderful film", "terrible plot and it was okay"]
+    run_eval("--model", folder, "--max-length", MAX_LENGTH, "--predict", *texts)
+    got = torch.tensor([json.loads(line)["probabilities"] for line in capsys.readouterr().out.splitlines()
+                        if line.startswith("{")])
+    tok = load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[1]
+    with torch.no_grad():
+        expected = torch.cat([load_hf(folder, "bert", "seq-cls")(input_ids=torch.tensor([tok.encode(t)])).logits
+                              for t in texts]).softmax(-1)
+    assert got.shape == (2, NUM_LABELS)
+    torch.testing.assert_close(got, expected, rtol=0, atol=6e-5)  # printed with 4 decimals
+
+
 def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, allocator_settings):
     folder = tiny.folder("llama", "causal-lm")
     texts = ["the movie was wonderful and the plot was okay", "a terrible film", "it is a story of the rain"]
@@ -214,6 +230,30 @@ def test_a_head_at_random_is_pointed_out(tiny, tmp_path, capsys):
         str(tmp_path / "trained_head"): [],
         str(tmp_path / "no_head"): ["note: no_head: no pre_classifier, classifier in the checkpoint or the adapter; "
                                     "initialised at random, its predictions are chance"]}
+
+
+def test_a_checkpoint_head_for_other_labels_is_trained_afresh(tiny, tmp_path, capsys):
+    """Fine-tuning a 3-label checkpoint on 2-label data: train.py starts the head fresh with a note (it used to
+    stop on the shape of classifier.weight), and eval.py evaluates the adapter on the same test split to the
+    same figures train.py reported, pointing out that the base's head is chance."""
+    import train
+
+    folder = tiny.folder("bert", "seq-cls")  # a classifier for 3 labels
+    dataset = tmp_path / "data"
+    write_jsonl(dataset, "train", keyword_rows(16))
+    write_jsonl(dataset, "test", keyword_rows(8, seed=1))
+    final = train.main(["--model", str(folder), "--dataset", str(dataset), "--output-dir", str(tmp_path / "run"),
+                        "--max-length", "32", "--max-steps", "3", "--batch-size", "8"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {folder}'s classifier is sized for another number of labels than the data's 2; it starts "
+                     "at random"]
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", 32, "--adapters", "base",
+                       tmp_path / "run" / "adapter")
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
+        "note: base: the checkpoint's classifier is sized for another number of labels than 2; initialised at "
+        "random, its predictions are chance"]
+    for key in ("accuracy", "f1", "loss"):
+        assert results["run"][key] == pytest.approx(final[key], abs=1e-6), key
 
 
 def test_inputs_longer_than_the_positions_fail_first(tiny, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import real_model_dir
 from models import LoadError, generate, load_model
-from tiny import (CASES, DECODERS, ENCODERS, HIDDEN, MAX_POS, NUM_LABELS, TASKS, load_hf, random_ids,
+from tiny import (CASES, DECODERS, ENCODERS, HF_CLASSES, HIDDEN, MAX_POS, NUM_LABELS, TASKS, load_hf, random_ids,
                   special_ids, write_checkpoint)
 
 ATOL = 1e-5
@@ -613,3 +613,27 @@ def test_generation_up_to_the_last_position(tiny, ours, family):
     finally:
         hook.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("family", ["distilbert", "bert", "gpt2", "llama"])
+def test_a_head_for_other_labels_starts_fresh_as_in_transformers(tiny, family):
+    """A checkpoint fine-tuned for 3 labels, loaded for 2: an error by default; with ignore_mismatched_sizes the
+    head starts fresh, as transformers' option of that name does, and everything else loads. Checked by
+    copying our fresh head into transformers' model: the logits must agree (DistilBERT's pre_classifier
+    keeps the checkpoint's weights in both)."""
+    folder = tiny.folder(family, "seq-cls")  # NUM_LABELS = 3 outputs
+    with pytest.raises(LoadError, match=r"has shape \(3,( \d+)?\), the model expects \(2,( \d+)?\) "
+                                        r"\(pass num_labels"):
+        load_model(str(folder), task="seq-cls", num_labels=2)
+    model, _ = load_model(str(folder), task="seq-cls", num_labels=2, ignore_mismatched_sizes=True)
+    head = "classifier" if family in ("distilbert", "bert") else "score"
+    assert model.resized_heads == [head] and head in model.random_heads
+    hf = HF_CLASSES[(family, "seq-cls")].from_pretrained(str(folder), num_labels=2, ignore_mismatched_sizes=True,
+                                                          attn_implementation="eager", dtype=torch.float32).eval()
+    fresh = model.get_submodule(head).state_dict()
+    assert fresh["weight"].shape[0] == 2
+    hf.get_submodule(head).load_state_dict(fresh)
+    ids = random_ids(family, 2, 7)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(model(ids, torch.ones_like(ids)), expected, rtol=0, atol=1e-5)
