@@ -93,6 +93,10 @@ def resolve(name_or_path, cache_dir=None):
 
 def read_config(folder):
     path = Path(folder) / "config.json"
+    if (Path(folder) / "adapter_config.json").is_file() and not path.is_file():
+        base = read_json(Path(folder) / "adapter_config.json").get("base_model_name_or_path")
+        raise LoadError(f"{folder} holds an adapter, not a model: pass its base model" + (f" ({base})" if base else "")
+                        + " as the model and this folder as the adapter")
     if not path.is_file():
         raise LoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     cfg = read_json(path)

@@ -184,6 +184,23 @@ def test_a_missing_adapter_fails_before_any_evaluation(setup, tmp_path, monkeypa
         run_eval("--model", folder, "--dataset", dataset, "--adapters", "base", adapters[0], tmp_path / "nowhere")
 
 
+def test_a_run_folder_or_an_adapter_in_the_wrong_place_is_named(setup, tmp_path):
+    """train.py's run folder passed as the adapter, or an adapter passed as the model: the error says what to
+    pass instead (it said only that files were missing)."""
+    folder, _, dataset, adapters = setup
+    run = tmp_path / "run"
+    shutil.copytree(adapters[0], run / "adapter")
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(run))} is not an adapter folder: it needs "
+                                           rf"adapter_config.json and adapter_model.safetensors; did you mean "
+                                           rf"{re.escape(str(run / 'adapter'))}\?$"):
+        run_eval("--model", folder, "--dataset", dataset, "--adapters", run)
+    base = json.loads((adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    with pytest.raises(LoadError, match=rf"^{re.escape(str(run / 'adapter'))} holds an adapter, not a model: pass its "
+                                        rf"base model \({re.escape(base)}\) as the model and this folder as the "
+                                        rf"adapter$"):
+        run_eval("--model", run / "adapter", "--dataset", dataset)
+
+
 @pytest.mark.parametrize("flag", ["--samples", "--max-length", "--batch-size", "--max-new-tokens", "--window",
                                   "--num-labels"])
 def test_out_of_range_flags_are_usage_errors(flag, capsys):
