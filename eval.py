@@ -216,6 +216,8 @@ def main(argv=None):
             result = evaluate(model, examples, task, tok, args.batch_size, words, args.rouge, args.max_new_tokens,
                               desc=f"eval {entry}")
         results[column] = result
+        # each column as soon as it is done: an adapter that fails to load later does not take these along
+        print(f"{column}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
     keys = list(next(iter(results.values())))
     print(f"\n{args.model} on {args.dataset} [{split}, {len(rows)} rows, {task}]\n")
     print("| metric | " + " | ".join(results) + " |")

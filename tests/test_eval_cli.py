@@ -184,6 +184,20 @@ def test_a_missing_adapter_fails_before_any_evaluation(setup, tmp_path, monkeypa
         run_eval("--model", folder, "--dataset", dataset, "--adapters", "base", adapters[0], tmp_path / "nowhere")
 
 
+def test_columns_done_before_a_failing_adapter_are_printed(setup, tiny, tmp_path, capsys):
+    """Each column's metrics are printed when it is done: an adapter that fails to load after minutes of
+    evaluation (here one made for another model) no longer takes the finished columns with it."""
+    folder, _, dataset, _ = setup
+    other = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")[0]
+    save_adapter(apply_lora(other, LoraConfig(r=4)), tmp_path / "other")
+    base = run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH)["base"]
+    capsys.readouterr()
+    with pytest.raises(AdapterError):
+        run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--adapters", "base",
+                 tmp_path / "other")
+    assert capsys.readouterr().out.splitlines() == ["base: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items())]
+
+
 def test_a_run_folder_or_an_adapter_in_the_wrong_place_is_named(setup, tmp_path):
     """train.py's run folder passed as the adapter, or an adapter passed as the model: the error says what to
     pass instead (it said only that files were missing)."""
