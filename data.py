@@ -193,6 +193,14 @@ def check_rows(rows, task, split):
         raise DataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
+def check_rouge(task, rows, split):
+    """--rouge scores generated answers against references, so it needs causal-lm prompt/answer pairs."""
+    if task != "causal-lm" or not pair_columns(rows):
+        why = f"the task is {task}" if task != "causal-lm" else f"split {split!r} is plain text"
+        raise DataError(f"--rouge scores generated answers, so it needs task causal-lm on prompt/answer columns "
+                        f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); {why}")
+
+
 def label_names(rows_by_split):
     """Sorted distinct labels over all splits; ints must be 0..K-1."""
     labels = {row["label"] for rows in rows_by_split for row in rows}

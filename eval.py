@@ -197,6 +197,8 @@ def main(argv=None):
     rows = splits[split][:args.samples]
     task = args.task or data.infer_task(rows, is_decoder)
     data.check_rows(rows, task, split)
+    if args.rouge:
+        data.check_rouge(task, rows, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None

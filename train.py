@@ -154,6 +154,8 @@ def prepare_data(args, tokenizer, task, splits):
                              "pass --eval-split")
     for name in dict.fromkeys((train_name, eval_name, test_name)):
         data.check_rows(splits[name], task, name)
+    if args.rouge:  # scored on the test split only
+        data.check_rouge(task, splits[test_name], test_name)
     train_rows = data.subsample(splits[train_name], args.train_samples, args.seed)
     eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)

@@ -918,8 +918,8 @@ def test_split_files_as_the_hub_lays_them_out(tmp_path):
     bom_csv.mkdir()
     for split, part in (("train", rows), ("test", rows[:4])):
         (bom / f"{split}.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-        (bom_csv / f"{split}.csv").write_text("\ufefftext,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in part),
-                                            encoding="utf-8")
+        lines = "".join(f"{r['text']},{r['label']}\n" for r in part)
+        (bom_csv / f"{split}.csv").write_text("\ufefftext,label\n" + lines, encoding="utf-8")
     for folder in (hub, bom, bom_csv):
         reference = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))  # not ~/.cache
         ours = data.load_splits(folder)
@@ -973,3 +973,23 @@ def test_rouge_prompts_are_cut_to_max_length_and_must_leave_room(tiny, tmp_path)
     with pytest.raises(LoadError, match=r"^8 prompt tokens \+ 64 new tokens exceed the model's maximum of 64 positions$"):
         bad_run(tiny, tmp_path, {"train": pair_rows(4), "validation": pair_rows(4)}, "--rouge", "--max-length", 8,
                 family=("gpt2", "causal-lm"))
+
+
+def test_rouge_without_prompt_answer_pairs_is_one_error(tiny, tmp_path, monkeypatch):
+    """--rouge on plain text or on a classification task used to be ignored without a word (the table simply had
+    no ROUGE rows); both CLIs now refuse it before the first evaluation."""
+    import eval as eval_cli
+
+    texts = [{"text": "the movie was wonderful and the plot was okay"}] * 4
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    plain = (r"^--rouge scores generated answers, so it needs task causal-lm on prompt/answer columns "
+             r"\(question/answer, document/summary, prompt/completion\); split 'validation' is plain text$")
+    with pytest.raises(data.DataError, match=plain):
+        bad_run(tiny, tmp_path / "plain", {"train": texts, "validation": texts}, "--rouge",
+                family=("gpt2", "causal-lm"))
+    with pytest.raises(data.DataError, match=r"\); the task is seq-cls$"):
+        bad_run(tiny, tmp_path / "labels", {"train": GOOD, "validation": GOOD}, "--rouge")
+    with pytest.raises(data.DataError, match=r"\); the task is generate-label$"):
+        eval_cli.main(["--model", str(tiny.folder("gpt2", "causal-lm")), "--dataset", str(tmp_path / "labels" / "data"),
+                       "--task", "generate-label", "--max-length", "32", "--rouge"])
