@@ -42,6 +42,13 @@ from quant.allocator import keep_freed_memory, map_large_allocations
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
 
 
+def eval_metrics(task, names):
+    """The metrics evaluation.evaluate reports during training for `task` (ROUGE only in the final table)."""
+    if task == "causal-lm":
+        return ["loss", "perplexity"]
+    return ["accuracy", "f1"] + (["f1_binary"] if len(names) == 2 else []) + (["loss"] if task == "seq-cls" else [])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
     g = p.add_argument_group("model and data")
@@ -92,7 +99,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation, checkpoints and output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N optimizer steps (0 = at the end only)")
     g.add_argument("--eval-batch-size", type=int, default=64, help="examples per evaluation batch")
-    g.add_argument("--metric", default=None, help="metric for early stopping / best weights (default: accuracy, or loss for causal-lm)")
+    g.add_argument("--metric", default=None, help="metric for early stopping / best weights: accuracy, f1, "
+                   "f1_binary (two labels) or loss (seq-cls) for classification; loss or perplexity for causal-lm "
+                   "(default: accuracy, or loss for causal-lm)")
     g.add_argument("--early-stopping-patience", type=int, default=0, help="stop after N evaluations without improvement (0 = never)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps for --resume (default: at each evaluation)")
     g.add_argument("--rouge", action="store_true", help="causal-lm pairs: also ROUGE of greedy generations")
@@ -404,13 +413,14 @@ def main(argv=None):
     is_decoder = cfg["model_type"] in DECODERS
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
+    metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
+    if metric not in eval_metrics(task, names):
+        raise data.DataError(f"--metric {metric} is not one of the evaluation's metrics for {task}: "
+                             f"{', '.join(eval_metrics(task, names))}")
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
     if model.resized_heads and is_main:
         print(f"note: {args.model}'s {', '.join(model.resized_heads)} is sized for another number of labels than "
               f"the data's {len(names)}; it starts at random", file=sys.stderr)
-    metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
-    if metric not in HIGHER_IS_BETTER:
-        raise data.DataError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}")
     if task == "causal-lm" and tokenizer.pad_token_id is None:
         raise LoadError("the tokenizer has no pad or eos token to pad batches with")
 

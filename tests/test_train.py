@@ -993,3 +993,23 @@ def test_rouge_without_prompt_answer_pairs_is_one_error(tiny, tmp_path, monkeypa
     with pytest.raises(data.DataError, match=r"\); the task is generate-label$"):
         eval_cli.main(["--model", str(tiny.folder("gpt2", "causal-lm")), "--dataset", str(tmp_path / "labels" / "data"),
                        "--task", "generate-label", "--max-length", "32", "--rouge"])
+
+
+@pytest.mark.parametrize("family,task,rows", [(("bert", "base"), "seq-cls", GOOD),
+                                              (("bert", "base"), "seq-cls", keyword_rows(9, num_labels=3)),
+                                              (("gpt2", "causal-lm"), "generate-label", GOOD),
+                                              (("gpt2", "causal-lm"), "causal-lm", pair_rows(8))])
+def test_metric_must_be_one_the_evaluation_gives(tiny, tmp_path, family, task, rows):
+    """--metric is checked against what evaluation gives for the task (each one logged by an evaluation here);
+    one that it does not give, such as accuracy for causal-lm, used to end the run in a KeyError after the
+    first evaluation and is now one line before it."""
+    out, dataset = tmp_path / "ok", write_jsonl(tmp_path / "data", "train", rows)
+    write_jsonl(dataset, "validation", rows)
+    run(tiny.folder(*family), dataset, out, "--task", task, "--max-steps", 1, "--eval-every", 1)
+    logged = next(row["metrics"] for row in log_rows(out, "eval"))
+    names = data.label_names([rows]) if task != "causal-lm" else None
+    assert train.eval_metrics(task, names) == list(logged)
+    wrong = "accuracy" if task == "causal-lm" else "perplexity"
+    with pytest.raises(data.DataError, match=rf"^--metric {wrong} is not one of the evaluation's metrics for {task}: "
+                                             rf"{', '.join(logged)}$"):
+        run(tiny.folder(*family), dataset, tmp_path / "bad", "--task", task, "--metric", wrong)
