@@ -42,6 +42,10 @@ from quant.allocator import keep_freed_memory, map_large_allocations
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
 
 
+METHOD_FLAGS = {"lora": ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora"),
+                "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text")}
+
+
 def eval_metrics(task, names):
     """The metrics evaluation.evaluate reports during training for `task` (ROUGE only in the final table)."""
     if task == "causal-lm":
@@ -129,6 +133,11 @@ def parse_args(argv=None):
                 f"--quant {args.quant} (QLoRA), or --quant none")
     if args.save_merged and args.method != "lora":
         p.error(f"--save-merged merges a LoRA adapter; it does not apply to --method {args.method}")
+    for method, names in METHOD_FLAGS.items():  # another method's flag would be ignored without a word
+        changed = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != p.get_default(n)]
+        if changed and args.method != method:
+            p.error(f"{', '.join(changed)} {'applies' if len(changed) == 1 else 'apply'} to --method {method} only, "
+                    f"not to --method {args.method}")
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).name}-{args.method}")
     return args

@@ -286,6 +286,27 @@ def test_full_fine_tuning_of_a_quantized_base_is_a_usage_error(capsys):
         "--quant nf4 (QLoRA), or --quant none")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "prompt", "--target-modules", "q_proj"], "--target-modules applies to --method lora only, not to "
+                                                           "--method prompt"),
+    (["--method", "prompt", "--rank", "4", "--use-dora"], "--rank, --use-dora apply to --method lora only, not to "
+                                                         "--method prompt"),
+    (["--method", "none", "--modules-to-save", "classifier"], "--modules-to-save applies to --method lora only, not "
+                                                              "to --method none"),
+    (["--num-virtual-tokens", "5"], "--num-virtual-tokens applies to --method prompt only, not to --method lora"),
+    (["--method", "none", "--prompt-init", "random"], "--prompt-init applies to --method prompt only, not to "
+                                                      "--method none"),
+])
+def test_another_methods_flag_is_a_usage_error(argv, message, capsys):
+    """These flags were ignored without a word (a prompt-tuning run with --rank 4 trained no LoRA at all); a flag
+    left at its default, or given its default, is no error."""
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--model", "x", *argv])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+    train.parse_args(["--model", "x", "--method", "prompt", "--rank", "8", "--alpha", "16"])
+
+
 # ------------------------------------------------------------------ gradient accumulation
 
 
