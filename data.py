@@ -3,7 +3,9 @@
 A dataset is a Hub name (read with `datasets.load_dataset`) or a local folder of UTF-8 split files
 (`train.jsonl`, `validation.csv`, `test.parquet`, ...; the Hub's shards `train-00000-of-00002.parquet`, ...
 make one split) or one file (used as the train split).
-Columns are the Hub's: `text` + `label` for classification, `question` + `answer` (GSM8K) or
+Columns are the Hub's: `text` + `label` for classification (or a sentence pair in one of GLUE's layouts,
+`sentence1`/`sentence2`, `premise`/`hypothesis`, `question1`/`question2`, `question`/`sentence`, encoded as one
+sequence by the tokenizer's pair template, with token types for BERT), `question` + `answer` (GSM8K) or
 `document` + `summary` (XSum) for prompt/answer pairs, `text` alone for plain language modelling.
 
 Tasks:
@@ -22,6 +24,9 @@ from pathlib import Path
 
 TASKS = ("seq-cls", "generate-label", "causal-lm")
 TEXT_COLUMNS = ("text", "sentence", "review", "content")
+# sentence-pair classification, GLUE's layouts (MRPC/RTE, MNLI, QQP, QNLI); a pair wins over one text column
+TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                     ("question", "sentence"))
 PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "completion"))
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
@@ -148,6 +153,13 @@ def text_column(rows):
     return next((c for c in TEXT_COLUMNS if c in cols), None)
 
 
+def classification_columns(rows):
+    """The text column, or the two of a sentence pair, that a classifier reads: a tuple, or None."""
+    cols = columns_of(rows)
+    pair = next((p for p in TEXT_PAIR_COLUMNS if set(p) <= cols), None)
+    return pair or ((text_column(rows),) if text_column(rows) else None)
+
+
 def pair_columns(rows):
     cols = columns_of(rows)
     return next(((p, a) for p, a in PAIR_COLUMNS if p in cols and a in cols), None)
@@ -158,7 +170,7 @@ def infer_task(rows, is_decoder):
     if not rows:
         raise DataError("the train split is empty")
     cols = columns_of(rows)
-    if "label" in cols and text_column(rows):
+    if "label" in cols and classification_columns(rows):
         return "seq-cls"
     if is_decoder and (pair_columns(rows) or text_column(rows)):
         return "causal-lm"
@@ -171,13 +183,15 @@ def check_rows(rows, task, split):
         raise DataError(f"split {split!r} is empty")
     cols = columns_of(rows)
     if task in ("seq-cls", "generate-label"):
-        missing = [c for c in ("label",) if c not in cols] + ([] if text_column(rows) else ["text"])
+        # generate-label's prompt quotes one text; a classifier also reads a sentence pair
+        one = text_column(rows)
+        texts = classification_columns(rows) if task == "seq-cls" else (one,) if one else None
+        missing = [c for c in ("label",) if c not in cols] + ([] if texts else ["text"])
         if missing:
             raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
                             f"it has {', '.join(sorted(cols))}")
-        text = text_column(rows)
         for number, row in enumerate(rows):
-            missing = "label" if row.get("label") in (None, "") else text if row.get(text) is None else None
+            missing = "label" if row.get("label") in (None, "") else next((c for c in texts if row.get(c) is None), None)
             if missing:  # "": an empty CSV cell
                 raise DataError(f"split {split!r} row {number}: missing {missing}")
     elif task == "causal-lm":
@@ -231,9 +245,17 @@ def subsample(rows, n, seed):
 
 
 def encode_classification(rows, tokenizer, max_length, names, split):
-    texts = [str(r[text_column(rows)]) for r in rows]
-    ids = tokenizer(texts, padding=False, truncation=True, max_length=max_length, return_tensors=None)["input_ids"]
-    return [{"input_ids": x, "label": y} for x, y in zip(ids, label_ids(rows, names, split))]
+    """Token ids and label of each row; a sentence pair is encoded as one sequence by the tokenizer's pair template
+    (BERT: [CLS] a [SEP] b [SEP], cut longest first) with its token types for a model that has them."""
+    columns = classification_columns(rows)
+    texts, *pairs = ([str(r[c]) for r in rows] for c in columns)
+    encoded = tokenizer(texts, text_pairs=pairs[0] if pairs else None, padding=False, truncation=True,
+                        max_length=max_length, return_tensors=None)
+    examples = [{"input_ids": x, "label": y} for x, y in zip(encoded["input_ids"], label_ids(rows, names, split))]
+    if pairs and "token_type_ids" in tokenizer.model_input_names:
+        for example, types in zip(examples, encoded["token_type_ids"]):
+            example["token_type_ids"] = types
+    return examples
 
 
 def encode_prompt_answer(prompt_ids, answer_ids, max_length):
@@ -301,7 +323,7 @@ def encode(rows, task, tokenizer, max_length, names=None, words=None, split="tra
 
 
 def collate(examples, pad_id, side="right"):
-    """Pad a list of encoded examples into tensors: input_ids, attention_mask, labels (if any)."""
+    """Pad a list of encoded examples into tensors: input_ids, attention_mask, token_type_ids and labels (if any)."""
     import torch
 
     T = max(len(e["input_ids"]) for e in examples)
@@ -312,6 +334,8 @@ def collate(examples, pad_id, side="right"):
 
     batch = {"input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
              "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples])}
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = torch.tensor([pad(e["token_type_ids"], 0) for e in examples])
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
     elif "label" in examples[0]:

@@ -32,11 +32,17 @@ def batches(examples, batch_size, pad_id, side="right", desc=None):
         yield collate(examples[start:start + batch_size], pad_id, side)
 
 
+def classify(model, batch):
+    """Logits (B, num_labels) of a classifier for a collated batch, with a sentence pair's token types if any."""
+    token_types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model(batch["input_ids"], batch["attention_mask"], **token_types)
+
+
 @torch.no_grad()
 def classification_probabilities(model, examples, batch_size, pad_id, desc=None):
     """Softmax over the labels for each example: (N, num_labels)."""
     model.eval()
-    probs = [model(b["input_ids"], b["attention_mask"]).float().softmax(-1) for b in batches(examples, batch_size, pad_id, desc=desc)]
+    probs = [classify(model, b).float().softmax(-1) for b in batches(examples, batch_size, pad_id, desc=desc)]
     return torch.cat(probs)
 
 

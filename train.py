@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
-from evaluation import evaluate, next_token_nll
+from evaluation import classify, evaluate, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names
@@ -202,7 +202,7 @@ def micro_batches(n_examples, batch_size, world, seed, epoch):
 def loss_sum(model, batch, task):
     """Sum of the loss over the micro-batch and what it is summed over (examples or label tokens)."""
     if task == "seq-cls":
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = classify(model, batch)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
     return next_token_nll(model, batch)
 

@@ -32,6 +32,7 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.padding_side = "right"
         self.folder = folder
+        self.model_input_names = ["input_ids", "attention_mask"]  # from_folder adds token types for BERT
         for name in ("pad", "eos", "bos", "unk", "cls", "sep"):
             text = special_tokens.get(name)
             setattr(self, f"{name}_token_id", None if text is None else tokenizer.token_to_id(text))
@@ -60,7 +61,10 @@ class Tokenizer:
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or max_length > 10**8:
             max_length = max_positions
-        return cls(tok, special, max_length, folder)
+        tokenizer = cls(tok, special, max_length, folder)
+        if cfg.get("type_vocab_size", 0) > 1:  # the model embeds token types (BERT): a pair's second text is type 1
+            tokenizer.model_input_names.insert(1, "token_type_ids")
+        return tokenizer
 
     @property
     def vocab_size(self):
@@ -70,9 +74,15 @@ class Tokenizer:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(self, texts, padding=True, truncation=False, max_length=None, add_special_tokens=True,
-                 return_tensors="pt"):
-        """Token ids and attention mask of a text or a batch: {"input_ids", "attention_mask"} (B, T) tensors."""
+                 return_tensors="pt", text_pairs=None):
+        """Token ids and attention mask of a text or a batch: {"input_ids", "attention_mask"} (B, T) tensors.
+
+        text_pairs: a second text for each, encoded with the tokenizer's pair template (truncation cuts the
+        longer of the two first, as transformers does); the result then also holds "token_type_ids".
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if text_pairs is not None:
+            texts = list(zip(texts, [text_pairs] if isinstance(text_pairs, str) else text_pairs, strict=True))
         if truncation:
             self.tokenizer.enable_truncation(max_length or self.model_max_length)
         if padding:
@@ -85,13 +95,14 @@ class Tokenizer:
         finally:
             self.tokenizer.no_truncation()
             self.tokenizer.no_padding()
-        ids = [e.ids for e in encodings]
-        mask = [e.attention_mask for e in encodings]
+        out = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings]}
+        if text_pairs is not None:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
         if return_tensors != "pt":
-            return {"input_ids": ids, "attention_mask": mask}
-        if len({len(row) for row in ids}) > 1:
+            return out
+        if len({len(row) for row in out["input_ids"]}) > 1:
             raise ValueError("texts have different lengths; pass padding=True to return tensors")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
     def decode(self, ids, skip_special_tokens=True):
         if isinstance(ids, torch.Tensor):

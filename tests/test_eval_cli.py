@@ -142,6 +142,38 @@ def test_predict_takes_the_label_count_of_the_checkpoint(tiny, capsys):
     torch.testing.assert_close(got, expected, rtol=0, atol=6e-5)  # printed with 4 decimals
 
 
+@pytest.mark.parametrize("columns", [("sentence1", "sentence2"), ("question", "sentence")])
+def test_sentence_pairs_are_classified_as_transformers_does(tiny, tmp_path, columns):
+    """GLUE's pair layouts (MRPC/RTE, and QNLI, whose `sentence` is then the second text, not the only one): one
+    sequence from the tokenizer's pair template with token types, cut longest first; accuracy and loss equal
+    transformers' on BertTokenizerFast's encoding of the same pairs. (They used to be refused as lacking `text`.)"""
+    from transformers import BertTokenizerFast
+
+    folder = tiny.folder("bert", "seq-cls")
+    rows = [{columns[0]: a, columns[1]: b, "label": i % NUM_LABELS}
+            for i, (a, b) in enumerate(zip(FIRST_TEXTS, SECOND_TEXTS))]
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    results = run_eval("--model", folder, "--dataset", dataset, "--max-length", 16)["base"]
+    hf_tok = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    hf = load_hf(folder, "bert", "seq-cls")
+    with torch.no_grad():
+        logits = torch.cat([hf(**{k: torch.tensor([v]) for k, v in hf_tok(r[columns[0]], r[columns[1]],
+                                                                              truncation=True, max_length=16).items()}
+                               ).logits for r in rows])
+        without_types = torch.cat([hf(torch.tensor([hf_tok(r[columns[0]], r[columns[1]], truncation=True,
+                                                           max_length=16)["input_ids"]])).logits for r in rows])
+    labels = torch.tensor([r["label"] for r in rows])
+    assert results["accuracy"] == (logits.argmax(-1) == labels).sum().item() / len(rows)
+    assert results["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-5)
+    assert abs(F.cross_entropy(without_types, labels).item() - results["loss"]) > 1e-3  # the token types count
+
+
+FIRST_TEXTS = ["the movie was wonderful", "a terrible plot", "it was okay I guess, with a long and winding middle part",
+               "good", "bad acting and worse music", "the film is fine"]
+SECOND_TEXTS = ["I liked it", "the plot was fine and the acting was not bad at all, really not bad", "meh", "great",
+                "awful", "fine film"]
+
+
 def test_plain_text_perplexity_of_a_4bit_base(tiny, tmp_path, allocator_settings):
     folder = tiny.folder("llama", "causal-lm")
     texts = ["the movie was wonderful and the plot was okay", "a terrible film", "it is a story of the rain"]

@@ -263,6 +263,42 @@ def test_tiny_tokenizer_matches_transformers(tiny, ours, family):
     check_tokenizer(tok, hf, TEXTS)
 
 
+PAIRS = (["The quick brown fox jumps over the lazy dog.", "bad", "a b c d e f g h i j k l m n o p"],
+         ["It was good.", "a terrible film with a long and winding plot that never ends at all", "q r s t u v"])
+
+
+def check_pair_tokenizer(tok, hf):
+    """Sentence pairs (GLUE's MRPC, MNLI, ...) as transformers encodes them: the pair template, truncation of the
+    longer text first, and the second text's token type 1 where the model embeds token types (BERT)."""
+    for max_length in (None, 12):
+        ours = tok(PAIRS[0], text_pairs=PAIRS[1], padding=False, truncation=max_length is not None,
+                   max_length=max_length, return_tensors=None)
+        ref = hf(PAIRS[0], PAIRS[1], truncation=max_length is not None, max_length=max_length)
+        assert ours["input_ids"] == ref["input_ids"], max_length
+        assert ours["attention_mask"] == ref["attention_mask"], max_length
+        if "token_type_ids" in tok.model_input_names:
+            assert ours["token_type_ids"] == ref["token_type_ids"] and any(1 in t for t in ref["token_type_ids"])
+
+
+@pytest.mark.parametrize("family", ["distilbert", "bert", "gpt2", "llama"])
+def test_tiny_pair_tokenizer_matches_transformers(tiny, family):
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    folder = tiny.folder(family, "seq-cls")
+    tok = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS)[1]
+    assert ("token_type_ids" in tok.model_input_names) == (family == "bert")
+    # the tiny checkpoints' tokenizer_config names no tokenizer class; BERT's own gives token types
+    hf = (BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json")) if family == "bert"
+          else AutoTokenizer.from_pretrained(str(folder)))
+    check_pair_tokenizer(tok, hf)
+
+
+def test_minilm_pair_tokenizer(minilm):
+    from transformers import AutoTokenizer
+
+    check_pair_tokenizer(load_model(str(minilm), task="base")[1], AutoTokenizer.from_pretrained(str(minilm)))
+
+
 def check_tokenizer(tok, hf, texts):
     for t in texts:
         assert tok.encode(t) == hf(t)["input_ids"], t

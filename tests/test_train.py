@@ -1034,3 +1034,33 @@ def test_metric_must_be_one_the_evaluation_gives(tiny, tmp_path, family, task, r
     with pytest.raises(data.DataError, match=rf"^--metric {wrong} is not one of the evaluation's metrics for {task}: "
                                              rf"{', '.join(logged)}$"):
         run(tiny.folder(*family), dataset, tmp_path / "bad", "--task", task, "--metric", wrong)
+
+
+def test_training_loss_of_sentence_pairs_is_transformers(tiny, tmp_path):
+    """The training loss of an MNLI-layout batch (premise/hypothesis) equals transformers' cross-entropy with the
+    same token types, and a short run on such a split trains (its loss falls)."""
+    from transformers import BertTokenizerFast
+
+    from tiny import load_hf
+
+    folder = tiny.folder("bert", "seq-cls")
+    rows = [{"premise": r["text"], "hypothesis": f"it is about {KEYWORDS[r['label']]}", "label": r["label"]}
+            for r in keyword_rows(12, num_labels=NUM_LABELS)]
+    model, tok = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS)
+    batch = data.collate(data.encode(rows, "seq-cls", tok, 24, list(range(NUM_LABELS))), tok.pad_token_id)
+    assert "token_type_ids" in batch and int(batch["token_type_ids"].max()) == 1
+    loss, count = train.loss_sum(model.train(False), batch, "seq-cls")
+    hf_tok = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    reference = hf_tok([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding=True, truncation=True,
+                       max_length=24, return_tensors="pt")
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(batch[key], reference[key]), key
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(load_hf(folder, "bert", "seq-cls")(**reference).logits,
+                                                     batch["labels"], reduction="sum")
+    assert count == len(rows) and loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    dataset = write_jsonl(tmp_path / "data", "train", rows)
+    write_jsonl(dataset, "validation", rows)
+    run(folder, dataset, tmp_path / "out", "--max-steps", 12, "--batch-size", 4, "--lr", 1e-2)
+    losses = [row["loss"] for row in log_rows(tmp_path / "out")]
+    assert sum(losses[-3:]) < sum(losses[:3])
