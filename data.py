@@ -231,8 +231,10 @@ def label_ids(rows, names, split):
         label = row["label"]
         key = str(label) if by_name or not isinstance(label, int) else label
         if key not in index:
+            unlabelled = "; -1 marks a row without a label, as in GLUE's test splits: use a labelled split" \
+                if label == -1 else ""
             raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
-                            f"(expected one of {names})")
+                            f"(expected one of {names}){unlabelled}")
         ids.append(index[key])
     return ids
 

@@ -735,7 +735,8 @@ def test_label_out_of_range(tiny, tmp_path, split):
     bad = [dict(row) for row in GOOD]
     bad[5]["label"] = -1  # int labels must be ids 0..K-1
     splits = {"train": GOOD, "validation": GOOD, split: bad}
-    message = rf"split '{split}' row 5: label -1 is out of range \(expected one of \[0, 1\]\)"
+    message = (rf"^split '{split}' row 5: label -1 is out of range \(expected one of \[0, 1\]\); -1 marks a row "
+               r"without a label, as in GLUE's test splits: use a labelled split$")
     with pytest.raises(data.DataError, match=message):
         bad_run(tiny, tmp_path, splits)
 
