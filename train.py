@@ -174,6 +174,12 @@ def prepare_data(args, tokenizer, task, splits):
         data.check_rows(splits[name], task, name)
     if args.rouge:  # scored on the test split only
         data.check_rouge(task, splits[test_name], test_name)
+    for flag, n, name in dict.fromkeys([("--train-samples", args.train_samples, train_name),  # eval and test
+                                        ("--eval-samples", args.eval_samples, eval_name),    # may be one split
+                                        ("--eval-samples", args.eval_samples, test_name)]):
+        if n is not None and n > len(splits[name]):
+            print(f"note: {flag} {n} is more than split {name!r} has; all its {len(splits[name])} rows are used",
+                  file=sys.stderr)
     train_rows = data.subsample(splits[train_name], args.train_samples, args.seed)
     eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)

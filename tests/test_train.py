@@ -1065,3 +1065,17 @@ def test_training_loss_of_sentence_pairs_is_transformers(tiny, tmp_path):
     run(folder, dataset, tmp_path / "out", "--max-steps", 12, "--batch-size", 4, "--lr", 1e-2)
     losses = [row["loss"] for row in log_rows(tmp_path / "out")]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_more_samples_than_a_split_has_is_pointed_out(tiny, tmp_path, capsys):
+    """--train-samples / --eval-samples beyond a split's size take all of it, as before, but no longer silently;
+    a split that serves both evaluation and the final table is named once."""
+    dataset = write_jsonl(tmp_path / "data", "train", GOOD)
+    write_jsonl(dataset, "test", GOOD[:4])
+    run(tiny.folder("bert", "base"), dataset, tmp_path / "out", "--max-steps", 1, "--train-samples", 100,
+        "--eval-samples", 4)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
+        f"note: --train-samples 100 is more than split 'train' has; all its {len(GOOD)} rows are used"]
+    run(tiny.folder("bert", "base"), dataset, tmp_path / "out2", "--max-steps", 1, "--eval-samples", 5)
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
+        "note: --eval-samples 5 is more than split 'test' has; all its 4 rows are used"]
