@@ -104,13 +104,26 @@ def read_rows(path):
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
 
 
-def load_splits(dataset):
-    """{split name: list of row dicts} from a local folder/file or a Hub dataset name."""
+def load_splits(dataset, config=None):
+    """{split name: list of row dicts} from a local folder/file or a Hub dataset name.
+
+    config: the configuration of a Hub dataset that has several (GLUE: "mrpc", "rte", ...), or the subfolder of
+    a local folder laid out the same way (glue/mrpc/train.jsonl, ...).
+    """
     path = Path(dataset).expanduser()
+    if config and path.is_file():
+        raise DataError(f"--dataset-config picks a Hub configuration or a subfolder; {path} is a file")
+    if config and path.is_dir():
+        if not (path / config).is_dir():
+            raise DataError(f"{path} has no subfolder {config!r} (--dataset-config); it has: "
+                            f"{', '.join(sorted(d.name for d in path.iterdir() if d.is_dir())) or 'none'}")
+        path = path / config
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in FORMATS)
         if not files:
-            raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
+            configs = sorted(d.name for d in path.iterdir() if d.is_dir() and any(f.suffix in FORMATS for f in d.iterdir()))
+            raise DataError(f"{path} holds no {'/'.join(FORMATS)} files" + (
+                f"; its subfolders {', '.join(configs)} do: pick one with --dataset-config" if configs else ""))
         splits, sources = {}, {}
         for p in files:  # the Hub's shards (train-00000-of-00002.parquet, ...) are parts of one split
             name = re.sub(r"-\d+-of-\d+$", "", p.stem)
@@ -127,9 +140,10 @@ def load_splits(dataset):
     try:
         import datasets
 
-        loaded = datasets.load_dataset(str(dataset))
+        loaded = datasets.load_dataset(str(dataset), config)
     except Exception as e:  # reported with its reason, not swallowed
-        raise DataError(f"could not load dataset {dataset!r} from the Hub ({type(e).__name__}: "
+        raise DataError(f"could not load dataset {dataset!r}" + (f" ({config})" if config else "") + " from the Hub ("
+                        f"{type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a local folder of "
                         f"{'/'.join(FORMATS)} split files instead") from None
     return {name: list(split) for name, split in loaded.items()}

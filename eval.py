@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--adapters", nargs="+", default=["base"], help="'base' and/or adapter folders, one table column each")
     p.add_argument("--merge", action="store_true", help="merge each LoRA adapter into the weights before evaluating")
     p.add_argument("--dataset", default=None, help="Hub name or local folder/file (see train.py)")
+    p.add_argument("--dataset-config", default=None, help="configuration of a Hub dataset that has several (glue: "
+                   "mrpc, rte, ...), or that subfolder of a local dataset folder")
     p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
     p.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N rows of the split (all when omitted)")
@@ -192,7 +194,7 @@ def main(argv=None):
                              | ({"labels": labels} if labels else {})))
         return {}
 
-    splits = data.load_splits(args.dataset)
+    splits = data.load_splits(args.dataset, args.dataset_config)
     split = data.pick_split(splits, args.split, ("test", "validation", "train"))
     rows = splits[split][:args.samples]
     task = args.task or data.infer_task(rows, is_decoder)
@@ -221,7 +223,8 @@ def main(argv=None):
         # each column as soon as it is done: an adapter that fails to load later does not take these along
         print(f"{column}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
     keys = list(next(iter(results.values())))
-    print(f"\n{args.model} on {args.dataset} [{split}, {len(rows)} rows, {task}]\n")
+    dataset = args.dataset + (f"/{args.dataset_config}" if args.dataset_config else "")
+    print(f"\n{args.model} on {dataset} [{split}, {len(rows)} rows, {task}]\n")
     print("| metric | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for k in keys:

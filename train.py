@@ -59,6 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--model", default="distilbert", help="local folder, fetched name (minilm-l6, smollm2-135m), alias or Hub id")
     g.add_argument("--dataset", default="rotten_tomatoes", help="Hub name, or a local folder of UTF-8 split files "
                    "(train.jsonl, test.csv, ...; the Hub's train-00000-of-00002.parquet shards make one split) or one file")
+    g.add_argument("--dataset-config", default=None, help="configuration of a Hub dataset that has several (glue: "
+                   "mrpc, rte, mnli, ...), or that subfolder of a local dataset folder")
     g.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
     g.add_argument("--train-split", default="train", help="split to train on")
     g.add_argument("--eval-split", default=None, help="split for evaluation during training (default: validation, else test)")
@@ -139,7 +141,8 @@ def parse_args(argv=None):
             p.error(f"{', '.join(changed)} {'applies' if len(changed) == 1 else 'apply'} to --method {method} only, "
                     f"not to --method {args.method}")
     if args.output_dir is None:
-        args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).name}-{args.method}")
+        dataset = Path(args.dataset).name + (f"-{args.dataset_config}" if args.dataset_config else "")
+        args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{dataset}-{args.method}")
     return args
 
 
@@ -420,7 +423,7 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
 
-    splits = data.load_splits(args.dataset)
+    splits = data.load_splits(args.dataset, args.dataset_config)
     if args.train_split not in splits:
         raise data.DataError(f"the dataset has no {args.train_split!r} split (it has {', '.join(splits)})")
     folder = resolve(args.model)
@@ -581,7 +584,8 @@ def main(argv=None):
     else:
         after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
     if is_main:
-        print(f"\n{args.model} on {args.dataset} ({task}, {args.method}), best step {state['best_step']} by {metric}:")
+        print(f"\n{args.model} on {args.dataset}{'/' + args.dataset_config if args.dataset_config else ''} ({task}, "
+              f"{args.method}), best step {state['best_step']} by {metric}:")
         print(results_table(state["before"], after))
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,

@@ -1079,3 +1079,38 @@ def test_more_samples_than_a_split_has_is_pointed_out(tiny, tmp_path, capsys):
     run(tiny.folder("bert", "base"), dataset, tmp_path / "out2", "--max-steps", 1, "--eval-samples", 5)
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
         "note: --eval-samples 5 is more than split 'test' has; all its 4 rows are used"]
+
+
+def test_dataset_config_picks_a_hub_configuration_or_a_subfolder(tmp_path, monkeypatch, tiny):
+    """GLUE and other Hub datasets with several configurations need one (datasets.load_dataset(name, config));
+    a local folder laid out the same way (glue/mrpc/train.jsonl, ...) takes it as the subfolder. Without it,
+    such a folder used to be "holds no files" with no word of the subfolders."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a: calls.append(a) or {"train": [{"text": "x", "label": 0}]})
+    assert data.load_splits("nyu-mll/glue", "mrpc") == {"train": [{"text": "x", "label": 0}]}
+    data.load_splits("rotten_tomatoes")
+    assert calls == [("nyu-mll/glue", "mrpc"), ("rotten_tomatoes", None)]
+    glue = tmp_path / "glue"
+    for config, n in (("mrpc", 3), ("rte", 5)):
+        write_jsonl(glue / config, "train", GOOD[:n])
+    assert data.load_splits(glue, "rte") == {"train": GOOD[:5]}
+    with pytest.raises(data.DataError, match=r"glue holds no .* files; its subfolders mrpc, rte do: pick one with "
+                                             r"--dataset-config$"):
+        data.load_splits(glue)
+    with pytest.raises(data.DataError, match=r"glue has no subfolder 'qqp' \(--dataset-config\); it has: mrpc, rte$"):
+        data.load_splits(glue, "qqp")
+    with pytest.raises(data.DataError, match=r"--dataset-config picks a Hub configuration or a subfolder; .*train.jsonl "
+                                             r"is a file$"):
+        data.load_splits(glue / "rte" / "train.jsonl", "rte")
+    args = train.parse_args(["--model", "minilm-l6", "--dataset", str(glue), "--dataset-config", "rte"])
+    assert args.output_dir == str(Path("runs") / "minilm-l6-glue-rte-lora")
+    write_jsonl(glue / "rte", "validation", GOOD)
+    run(tiny.folder("bert", "base"), glue, tmp_path / "out", "--dataset-config", "rte", "--max-steps", 1)
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["dataset_config"] == "rte"
+    import eval as eval_cli
+
+    base = eval_cli.main(["--model", str(tiny.folder("bert", "base")), "--dataset", str(glue), "--dataset-config", "rte",
+                          "--split", "validation", "--max-length", "32"])["base"]
+    assert base == pytest.approx(json.loads((tmp_path / "out" / "results.json").read_text())["before"], abs=1e-6)
