@@ -590,10 +590,11 @@ def main(argv=None):
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
                        "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}, f, indent=2)
-        save_output(model, tokenizer, out / "adapter", args, names)
+        saved = out / ("model" if args.method == "none" else "adapter")  # full fine-tuning: a whole checkpoint
+        save_output(model, tokenizer, saved, args, names)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
-        print(f"saved: {out / 'adapter'}")
+        print(f"saved: {saved}")
         if args.save_merged:  # last, as merging changes the model in place
             save_model(merge_and_unload(dequantize_model(model)), out / "merged", tokenizer)
             print(f"saved the merged model: {out / 'merged'}")

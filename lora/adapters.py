@@ -436,8 +436,10 @@ def check_adapter_folder(folder):
     """Raise AdapterError unless `folder` holds peft's two adapter files."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        inside = folder / "adapter"  # train.py's run folder holds its adapter there
-        hint = f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else ""
+        inside, model = folder / "adapter", folder / "model"  # where train.py's run folder holds what it trained
+        hint = (f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else
+                f"; {model} is a fine-tuned model (--method none): pass it as the model" if (model / "config.json").is_file()
+                else "")
         raise AdapterError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
 
 

@@ -32,6 +32,7 @@ import data
 import evaluation
 import train
 from lora import AdapterError
+from lora.adapters import check_adapter_folder
 from models import LoadError, load_model
 from tiny import NUM_LABELS, random_ids, run_ours
 
@@ -183,8 +184,9 @@ def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
 
 
 def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
-    """--method none on a tied decoder: the saved model (embedding stored once) loads in ours and in
-    transformers with equal logits, and differs from the starting checkpoint."""
+    """--method none on a tied decoder: the saved model (in <out>/model, not <out>/adapter as it was; embedding
+    stored once) loads in ours and in transformers with equal logits, and differs from the starting checkpoint;
+    passed to eval.py as an adapter, the error says to pass it as the model."""
     from tiny import load_hf
 
     folder = tiny.folder("llama-tied", "causal-lm")
@@ -193,11 +195,16 @@ def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
         "--lr", 1e-3)
     ids = random_ids("llama-tied", 2, 12, seed=3)
     with torch.no_grad():
-        ours = load_model(out / "adapter", task="causal-lm")[0](ids, torch.ones_like(ids))
-        theirs = load_hf(out / "adapter", "llama-tied", "causal-lm")(input_ids=ids).logits
+        ours = load_model(out / "model", task="causal-lm")[0](ids, torch.ones_like(ids))
+        theirs = load_hf(out / "model", "llama-tied", "causal-lm")(input_ids=ids).logits
         before = load_model(folder, task="causal-lm")[0](ids, torch.ones_like(ids))
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert (ours - before).abs().max() > 1e-3
+    assert not (out / "adapter").exists()
+    with pytest.raises(AdapterError, match=r"out is not an adapter folder: it needs adapter_config.json and "
+                                           r"adapter_model.safetensors; .*out/model is a fine-tuned model \(--method "
+                                           r"none\): pass it as the model$"):
+        check_adapter_folder(out)
 
 
 def test_shared_eval_and_test_split_is_evaluated_once(tiny, tmp_path, monkeypatch):
