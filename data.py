@@ -263,15 +263,19 @@ def subsample(rows, n, seed):
 def encode_classification(rows, tokenizer, max_length, names, split):
     """Token ids and label of each row; a sentence pair is encoded as one sequence by the tokenizer's pair template
     (BERT: [CLS] a [SEP] b [SEP], cut longest first) with its token types for a model that has them."""
-    columns = classification_columns(rows)
-    texts, *pairs = ([str(r[c]) for r in rows] for c in columns)
-    encoded = tokenizer(texts, text_pairs=pairs[0] if pairs else None, padding=False, truncation=True,
-                        max_length=max_length, return_tensors=None)
-    examples = [{"input_ids": x, "label": y} for x, y in zip(encoded["input_ids"], label_ids(rows, names, split))]
-    if pairs and "token_type_ids" in tokenizer.model_input_names:
-        for example, types in zip(examples, encoded["token_type_ids"]):
-            example["token_type_ids"] = types
+    texts, *pairs = ([str(r[c]) for r in rows] for c in classification_columns(rows))
+    examples = encode_texts(tokenizer, texts, pairs[0] if pairs else None, max_length)
+    for example, label in zip(examples, label_ids(rows, names, split)):
+        example["label"] = label
     return examples
+
+
+def encode_texts(tokenizer, texts, pairs, max_length):
+    """{"input_ids"} per text, or per (text, pair) with "token_type_ids" too where the model embeds them."""
+    encoded = tokenizer(texts, text_pairs=pairs, padding=False, truncation=True, max_length=max_length,
+                        return_tensors=None)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded and k in tokenizer.model_input_names]
+    return [dict(zip(keys, values)) for values in zip(*(encoded[k] for k in keys))]
 
 
 def encode_prompt_answer(prompt_ids, answer_ids, max_length):

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype the model is loaded in")
     p.add_argument("--quant", choices=("none", "nf4", "nf4-dq", "int8"), default="none", help="quantize the base while loading")
     p.add_argument("--predict", nargs="+", default=None, metavar="TEXT", help="print softmax probabilities per label for these texts")
+    p.add_argument("--predict-pairs", nargs="+", default=None, metavar="TEXT", help="--predict for a sentence-pair "
+                   "classifier: the second text of each pair, one per --predict text")
     p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
     p.add_argument("--num-labels", type=int, default=None, help="--predict: number of labels of the classifier "
                    "(default: the adapter's head, else the checkpoint's config, else 2)")
@@ -59,6 +61,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not (args.dataset or args.predict or args.generate):
         p.error("pass --dataset, --predict or --generate")
+    if args.predict_pairs and len(args.predict_pairs) != len(args.predict or []):
+        p.error(f"--predict-pairs gives {len(args.predict_pairs)} second texts for {len(args.predict or [])} "
+                "--predict texts; give one for each")
     window = args.window or args.max_length
     if args.stride is not None and not 0 < args.stride < window:
         p.error(f"--stride must be between 1 and the window ({window}) - 1, got {args.stride}")
@@ -185,13 +190,12 @@ def main(argv=None):
         num_labels = head_labels(args.adapters[0]) or args.num_labels or (len(id2label) if isinstance(id2label, dict)
                                                                            else 2)
         model, tok = load_variant(args, folder, "seq-cls", num_labels, args.adapters[0])
-        examples = [{"input_ids": ids} for ids in tok(args.predict, padding=False, truncation=True,
-                                                       max_length=args.max_length, return_tensors=None)["input_ids"]]
+        examples = data.encode_texts(tok, args.predict, args.predict_pairs, args.max_length)
         probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
         labels = saved_labels(folder, args.adapters[:1])
-        for text, row in zip(args.predict, probs.tolist()):
-            print(json.dumps({"text": text, "probabilities": [round(p, 4) for p in row]}
-                             | ({"labels": labels} if labels else {})))
+        for i, (text, row) in enumerate(zip(args.predict, probs.tolist())):
+            print(json.dumps({"text": text} | ({"pair": args.predict_pairs[i]} if args.predict_pairs else {})
+                             | {"probabilities": [round(p, 4) for p in row]} | ({"labels": labels} if labels else {})))
         return {}
 
     splits = data.load_splits(args.dataset, args.dataset_config)

@@ -168,6 +168,26 @@ def test_sentence_pairs_are_classified_as_transformers_does(tiny, tmp_path, colu
     assert abs(F.cross_entropy(without_types, labels).item() - results["loss"]) > 1e-3  # the token types count
 
 
+def test_predict_pairs_prints_transformers_probabilities(tiny, capsys):
+    """--predict with --predict-pairs: each text and its second text as one pair sequence with token types; the
+    printed probabilities are transformers' softmax on BertTokenizerFast's encoding of the pairs."""
+    from transformers import BertTokenizerFast
+
+    folder = tiny.folder("bert", "seq-cls")
+    run_eval("--model", folder, "--max-length", 16, "--predict", *FIRST_TEXTS[:3], "--predict-pairs", *SECOND_TEXTS[:3])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(p["text"], p["pair"]) for p in printed] == list(zip(FIRST_TEXTS[:3], SECOND_TEXTS[:3]))
+    hf_tok = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    with torch.no_grad():
+        expected = torch.cat([load_hf(folder, "bert", "seq-cls")(**hf_tok(a, b, truncation=True, max_length=16,
+                                                                          return_tensors="pt")).logits
+                              for a, b in zip(FIRST_TEXTS[:3], SECOND_TEXTS[:3])]).softmax(-1)
+    torch.testing.assert_close(torch.tensor([p["probabilities"] for p in printed]), expected, rtol=0, atol=6e-5)
+    with pytest.raises(SystemExit):
+        run_eval("--model", folder, "--predict", "one", "two", "--predict-pairs", "only one")
+    assert "--predict-pairs gives 1 second texts for 2 --predict texts; give one for each" in capsys.readouterr().err
+
+
 FIRST_TEXTS = ["the movie was wonderful", "a terrible plot", "it was okay I guess, with a long and winding middle part",
                "good", "bad acting and worse music", "the film is fine"]
 SECOND_TEXTS = ["I liked it", "the plot was fine and the acting was not bad at all, really not bad", "meh", "great",
