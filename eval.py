@@ -67,6 +67,8 @@ def parse_args(argv=None):
     window = args.window or args.max_length
     if args.stride is not None and not 0 < args.stride < window:
         p.error(f"--stride must be between 1 and the window ({window}) - 1, got {args.stride}")
+    if args.num_labels is not None and not args.predict:
+        p.error("--num-labels sizes the classifier of --predict; a dataset's labels size it otherwise")
     return args
 
 
@@ -209,6 +211,9 @@ def main(argv=None):
     names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
+    if not plain_text and (args.window or args.stride):
+        raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "
+                             + ("prompt/answer pairs" if task == "causal-lm" else f"{task} examples"))
     check_lengths(args, cfg, args.adapters, plain_text)
     if not plain_text:
         examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)

@@ -188,6 +188,22 @@ def test_predict_pairs_prints_transformers_probabilities(tiny, capsys):
     assert "--predict-pairs gives 1 second texts for 2 --predict texts; give one for each" in capsys.readouterr().err
 
 
+def test_flags_for_another_mode_are_errors(setup, tiny, tmp_path, capsys):
+    """--window / --stride on data that is not plain text, and --num-labels without --predict, were ignored
+    without a word."""
+    folder, _, dataset, _ = setup
+    with pytest.raises(DataError, match=r"^--window and --stride slide over plain text; split 'test' holds seq-cls "
+                                        r"examples$"):
+        run_eval("--model", folder, "--dataset", dataset, "--max-length", MAX_LENGTH, "--window", 16)
+    pairs = write_jsonl(tmp_path / "pairs", "test", [{"question": "two and two?", "answer": "four"}] * 2)
+    with pytest.raises(DataError, match=r"split 'test' holds prompt/answer pairs$"):
+        run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--dataset", pairs, "--max-length", 32, "--stride", 8)
+    with pytest.raises(SystemExit):
+        run_eval("--model", folder, "--dataset", dataset, "--num-labels", 3)
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --num-labels sizes the classifier of --predict; a dataset's labels size it otherwise")
+
+
 FIRST_TEXTS = ["the movie was wonderful", "a terrible plot", "it was okay I guess, with a long and winding middle part",
                "good", "bad acting and worse music", "the film is fine"]
 SECOND_TEXTS = ["I liked it", "the plot was fine and the acting was not bad at all, really not bad", "meh", "great",
