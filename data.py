@@ -30,6 +30,7 @@ TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("qu
 PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "completion"))
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
+DEFAULT_LABEL_WORDS = "negative,positive"  # generate-label's words for labels 0 and 1
 LABELS_FILE = "labels.json"  # {"labels": [...]} in head order: train.py writes it beside the adapter
 PAIR_PROMPTS = {"question": "Question: {}\nAnswer: ", "document": "{}\nSummary: ", "prompt": "{}"}
 
@@ -315,8 +316,13 @@ def encode_causal_lm(rows, tokenizer, max_length):
     return examples
 
 
-def parse_label_words(label_words, names):
-    """--label-words "negative,positive" -> one word per label, checked against the labels found."""
+def parse_label_words(label_words, names, task):
+    """--label-words "negative,positive" -> one word per label, checked against the labels found (None: the
+    task is not generate-label, and words other than the default would be ignored, so they are an error)."""
+    if task != "generate-label":
+        if label_words != DEFAULT_LABEL_WORDS:
+            raise DataError(f"--label-words applies to --task generate-label; the task is {task}")
+        return None
     words = [w.strip() for w in label_words.split(",")]
     if len(words) != len(names):
         raise DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")

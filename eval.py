@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated; "
                    "--rouge's prompts keep their last tokens)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
-    p.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id")
+    p.add_argument("--label-words", default=data.DEFAULT_LABEL_WORDS, help="generate-label: the word of each label id")
     p.add_argument("--rouge", action="store_true", help="prompt/answer pairs: ROUGE of greedy generations")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (ROUGE, --generate)")
     p.add_argument("--window", type=int, default=None, help="plain text: perplexity window in tokens (default: --max-length)")
@@ -209,7 +209,7 @@ def main(argv=None):
         data.check_rouge(task, rows, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
     names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
-    words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
+    words = data.parse_label_words(args.label_words, names, task)
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
     if not plain_text and (args.window or args.stride):
         raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     g.add_argument("--train-samples", type=int, default=None, help="random subset of the train split (all when omitted)")
     g.add_argument("--eval-samples", type=int, default=None, help="random subset of the eval and test splits")
     g.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated)")
-    g.add_argument("--label-words", default="negative,positive", help="generate-label: the word of each label id, comma-separated")
+    g.add_argument("--label-words", default=data.DEFAULT_LABEL_WORDS, help="generate-label: the word of each label id, comma-separated")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=("lora", "prompt", "none"), default="lora", help="none = full fine-tuning")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
@@ -187,7 +187,7 @@ def prepare_data(args, tokenizer, task, splits):
     eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)
     names = data.label_names([train_rows, eval_rows, test_rows]) if task != "causal-lm" else None
-    words = data.parse_label_words(args.label_words, names) if task == "generate-label" else None
+    words = data.parse_label_words(args.label_words, names, task)
     train_set, eval_set = (data.encode(rows, task, tokenizer, args.max_length, names, words, name)
                            for rows, name in ((train_rows, train_name), (eval_rows, eval_name)))
     # one split for both (e.g. no validation split): the same object, so main() can reuse its evaluation

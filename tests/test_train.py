@@ -1121,3 +1121,16 @@ def test_dataset_config_picks_a_hub_configuration_or_a_subfolder(tmp_path, monke
     base = eval_cli.main(["--model", str(tiny.folder("bert", "base")), "--dataset", str(glue), "--dataset-config", "rte",
                           "--split", "validation", "--max-length", "32"])["base"]
     assert base == pytest.approx(json.loads((tmp_path / "out" / "results.json").read_text())["before"], abs=1e-6)
+
+
+def test_label_words_outside_generate_label_are_an_error(tiny, tmp_path):
+    """--label-words names the answer words of generate-label; for another task they were ignored without a word."""
+    import eval as eval_cli
+
+    with pytest.raises(data.DataError, match=r"^--label-words applies to --task generate-label; the task is seq-cls$"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--label-words", "bad,good")
+    pairs = write_jsonl(tmp_path / "pairs", "test", pair_rows(2))
+    with pytest.raises(data.DataError, match=r"^--label-words applies to --task generate-label; the task is "
+                                             r"causal-lm$"):
+        eval_cli.main(["--model", str(tiny.folder("gpt2", "causal-lm")), "--dataset", str(pairs), "--max-length", "32",
+                       "--label-words", "no,yes"])
