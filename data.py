@@ -105,6 +105,11 @@ def read_rows(path):
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
 
 
+def dataset_label(dataset, config=None):
+    """How the result tables name a dataset: "glue/mrpc" for a configuration, else as given."""
+    return f"{dataset}/{config}" if config else str(dataset)
+
+
 def load_splits(dataset, config=None):
     """{split name: list of row dicts} from a local folder/file or a Hub dataset name.
 

@@ -232,8 +232,8 @@ def main(argv=None):
         # each column as soon as it is done: an adapter that fails to load later does not take these along
         print(f"{column}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
     keys = list(next(iter(results.values())))
-    dataset = args.dataset + (f"/{args.dataset_config}" if args.dataset_config else "")
-    print(f"\n{args.model} on {dataset} [{split}, {len(rows)} rows, {task}]\n")
+    print(f"\n{args.model} on {data.dataset_label(args.dataset, args.dataset_config)} [{split}, {len(rows)} rows, "
+          f"{task}]\n")
     print("| metric | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     for k in keys:

@@ -76,6 +76,13 @@ def classification_metrics(probs_or_scores, labels, loss=None):
     return result
 
 
+def metric_names(task, labels):
+    """The keys of evaluate's result for `task` without ROUGE, in order; `labels`: the label names."""
+    if task == "causal-lm":
+        return ["loss", "perplexity"]
+    return ["accuracy", "f1"] + (["f1_binary"] if len(labels) == 2 else []) + (["loss"] if task == "seq-cls" else [])
+
+
 @torch.no_grad()
 def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=False, max_new_tokens=64, desc=None):
     """Metrics of `model` on encoded `examples` for `task` (see the module docstring)."""

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
-from evaluation import classify, evaluate, next_token_nll
+from evaluation import classify, evaluate, metric_names, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names
@@ -44,13 +44,6 @@ HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": Fal
 
 METHOD_FLAGS = {"lora": ("rank", "alpha", "dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora"),
                 "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text")}
-
-
-def eval_metrics(task, names):
-    """The metrics evaluation.evaluate reports during training for `task` (ROUGE only in the final table)."""
-    if task == "causal-lm":
-        return ["loss", "perplexity"]
-    return ["accuracy", "f1"] + (["f1_binary"] if len(names) == 2 else []) + (["loss"] if task == "seq-cls" else [])
 
 
 def parse_args(argv=None):
@@ -432,9 +425,9 @@ def main(argv=None):
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
     train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
-    if metric not in eval_metrics(task, names):
+    if metric not in metric_names(task, names):
         raise data.DataError(f"--metric {metric} is not one of the evaluation's metrics for {task}: "
-                             f"{', '.join(eval_metrics(task, names))}")
+                             f"{', '.join(metric_names(task, names))}")
     model, tokenizer = build_model(args, folder, cfg, task, len(names) if names else 2)
     if model.resized_heads and is_main:
         print(f"note: {args.model}'s {', '.join(model.resized_heads)} is sized for another number of labels than "
@@ -584,8 +577,8 @@ def main(argv=None):
     else:
         after = run_eval(test_set, "eval after" if is_main else None, args.rouge)
     if is_main:
-        print(f"\n{args.model} on {args.dataset}{'/' + args.dataset_config if args.dataset_config else ''} ({task}, "
-              f"{args.method}), best step {state['best_step']} by {metric}:")
+        print(f"\n{args.model} on {data.dataset_label(args.dataset, args.dataset_config)} ({task}, {args.method}), "
+              f"best step {state['best_step']} by {metric}:")
         print(results_table(state["before"], after))
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,

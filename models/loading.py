@@ -106,11 +106,15 @@ def read_config(folder):
     return cfg
 
 
+def max_positions(cfg):
+    """The most positions the model of config.json `cfg` takes (GPT-2 names it n_positions)."""
+    return cfg.get("max_position_embeddings") or cfg.get("n_positions")
+
+
 def check_positions(cfg, model_name, tokens, asked_by):
     """LoadError unless `tokens` positions fit the model; `asked_by` names the flags that ask for them."""
-    max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    if tokens > max_positions:
-        raise LoadError(f"{asked_by} exceeds {model_name}'s maximum of {max_positions} positions")
+    if tokens > max_positions(cfg):
+        raise LoadError(f"{asked_by} exceeds {model_name}'s maximum of {max_positions(cfg)} positions")
 
 
 def weight_files(folder):
@@ -202,14 +206,15 @@ def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatche
         raise LoadError(f"{folder}: checkpoint is missing {len(missing)} tensor(s) the model needs: "
                         + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
     model.load_state_dict(state, strict=False, assign=True)
-    model.random_heads = []  # heads the checkpoint lacks (or has in another size): initialised at random
+    model.random_heads, model.resized_heads = [], []  # heads the checkpoint lacks / has in another size
     for head in model.new_head_names:
         module = model.get_submodule(head)
-        if any(p.is_meta for p in module.parameters()) or any(n.startswith(head + ".") for n in resized):
+        other_size = any(n.startswith(head + ".") for n in resized)
+        if other_size or any(p.is_meta for p in module.parameters()):
             module.to_empty(device="cpu").to(dtype)
             init_new_weights(module, std)
             model.random_heads.append(head)
-    model.resized_heads = sorted({h for h in model.random_heads if any(n.startswith(h + ".") for n in resized)})
+            model.resized_heads += [head] if other_size else []
     if tied:
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
 

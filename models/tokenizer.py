@@ -39,7 +39,7 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder, cfg):
-        from .loading import LoadError
+        from .loading import LoadError, max_positions
 
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
@@ -57,10 +57,9 @@ class Tokenizer:
                 special[name] = tok.id_to_token(token_id)
         if special["pad"] is None:
             special["pad"] = special["eos"]
-        max_positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or max_length > 10**8:
-            max_length = max_positions
+            max_length = max_positions(cfg)
         tokenizer = cls(tok, special, max_length, folder)
         if cfg.get("type_vocab_size", 0) > 1:  # the model embeds token types (BERT): a pair's second text is type 1
             tokenizer.model_input_names.insert(1, "token_type_ids")

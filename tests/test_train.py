@@ -1037,7 +1037,7 @@ def test_metric_must_be_one_the_evaluation_gives(tiny, tmp_path, family, task, r
     run(tiny.folder(*family), dataset, out, "--task", task, "--max-steps", 1, "--eval-every", 1)
     logged = next(row["metrics"] for row in log_rows(out, "eval"))
     names = data.label_names([rows]) if task != "causal-lm" else None
-    assert train.eval_metrics(task, names) == list(logged)
+    assert evaluation.metric_names(task, names) == list(logged)
     wrong = "accuracy" if task == "causal-lm" else "perplexity"
     with pytest.raises(data.DataError, match=rf"^--metric {wrong} is not one of the evaluation's metrics for {task}: "
                                              rf"{', '.join(logged)}$"):
