@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .common import activation, check_length, padding_mask, sdpa
-from .fused import Dropout
+from .fused import Dropout, Linear
 
 
 def encoder_self_attention(x, query, key, value, n_head, mask, dropout_p, queries=None):
@@ -37,11 +37,11 @@ class BertLayer(nn.Module):
         self.n_head = cfg["num_attention_heads"]
         self.attn_dropout = cfg.get("attention_probs_dropout_prob", 0.0)
         self.attention = nn.ModuleDict({
-            "self": nn.ModuleDict({"query": nn.Linear(C, C), "key": nn.Linear(C, C), "value": nn.Linear(C, C)}),
-            "output": nn.ModuleDict({"dense": nn.Linear(C, C), "LayerNorm": nn.LayerNorm(C, eps=eps)}),
+            "self": nn.ModuleDict({"query": Linear(C, C), "key": Linear(C, C), "value": Linear(C, C)}),
+            "output": nn.ModuleDict({"dense": Linear(C, C), "LayerNorm": nn.LayerNorm(C, eps=eps)}),
         })
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, cfg["intermediate_size"])})
-        self.output = nn.ModuleDict({"dense": nn.Linear(cfg["intermediate_size"], C), "LayerNorm": nn.LayerNorm(C, eps=eps)})
+        self.intermediate = nn.ModuleDict({"dense": Linear(C, cfg["intermediate_size"])})
+        self.output = nn.ModuleDict({"dense": Linear(cfg["intermediate_size"], C), "LayerNorm": nn.LayerNorm(C, eps=eps)})
         self.act = activation(cfg.get("hidden_act", "gelu"))
         self.dropout = Dropout(cfg.get("hidden_dropout_prob", 0.0))
 
@@ -59,7 +59,7 @@ class BertLayer(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, C):
         super().__init__()
-        self.dense = nn.Linear(C, C)
+        self.dense = Linear(C, C)
 
     def forward(self, hidden):  # (B, T, C) -> (B, C): the [CLS] token through dense + tanh
         return torch.tanh(self.dense(hidden[:, 0]))
@@ -115,7 +115,7 @@ class BertForSequenceClassification(nn.Module):
         super().__init__()
         self.bert = BertModel(cfg)
         self.dropout = Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
-        self.classifier = nn.Linear(cfg["hidden_size"], num_labels)
+        self.classifier = Linear(cfg["hidden_size"], num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         hidden = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds, first_token_only=True)  # (B, 1, C)

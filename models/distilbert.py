@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .bert import encoder_self_attention
 from .common import activation, check_length, padding_mask
-from .fused import Dropout
+from .fused import Dropout, Linear
 
 
 class TransformerBlock(nn.Module):
@@ -18,9 +18,9 @@ class TransformerBlock(nn.Module):
         C = cfg["dim"]
         self.n_head = cfg["n_heads"]
         self.attn_dropout = cfg.get("attention_dropout", 0.0)
-        self.attention = nn.ModuleDict({name: nn.Linear(C, C) for name in ("q_lin", "k_lin", "v_lin", "out_lin")})
+        self.attention = nn.ModuleDict({name: Linear(C, C) for name in ("q_lin", "k_lin", "v_lin", "out_lin")})
         self.sa_layer_norm = nn.LayerNorm(C, eps=1e-12)
-        self.ffn = nn.ModuleDict({"lin1": nn.Linear(C, cfg["hidden_dim"]), "lin2": nn.Linear(cfg["hidden_dim"], C)})
+        self.ffn = nn.ModuleDict({"lin1": Linear(C, cfg["hidden_dim"]), "lin2": Linear(cfg["hidden_dim"], C)})
         self.output_layer_norm = nn.LayerNorm(C, eps=1e-12)
         self.act = activation(cfg.get("activation", "gelu"))
         self.dropout = Dropout(cfg.get("dropout", 0.0))
@@ -75,8 +75,8 @@ class DistilBertForSequenceClassification(nn.Module):
     def __init__(self, cfg, num_labels):
         super().__init__()
         self.distilbert = DistilBertModel(cfg)
-        self.pre_classifier = nn.Linear(cfg["dim"], cfg["dim"])
-        self.classifier = nn.Linear(cfg["dim"], num_labels)
+        self.pre_classifier = Linear(cfg["dim"], cfg["dim"])
+        self.classifier = Linear(cfg["dim"], num_labels)
         self.dropout = Dropout(cfg.get("seq_classif_dropout", 0.0))
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_output,
                      pool_last_token, sdpa)
-from .fused import Dropout
+from .fused import Dropout, Linear, linear
 
 
 class Conv1D(nn.Module):
@@ -25,8 +25,7 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x):
-        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)  # 2-D in: not a view (LoRA adds in place)
+        return linear(x, self.weight.t(), self.bias)
 
 
 class Block(nn.Module):
@@ -92,7 +91,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.transformer = GPT2Model(cfg)
-        self.lm_head = nn.Linear(cfg["n_embd"], cfg["vocab_size"], bias=False)
+        self.lm_head = Linear(cfg["n_embd"], cfg["vocab_size"], bias=False)
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", True)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -107,7 +106,7 @@ class GPT2ForSequenceClassification(nn.Module):
     def __init__(self, cfg, num_labels):
         super().__init__()
         self.transformer = GPT2Model(cfg)
-        self.score = nn.Linear(cfg["n_embd"], num_labels, bias=False)
+        self.score = Linear(cfg["n_embd"], num_labels, bias=False)
         self.pad_token_id = cfg.get("pad_token_id")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):

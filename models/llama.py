@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .common import (activation, check_length, decoder_positions_and_mask, last_token_index, lm_output,
                      pool_last_token, sdpa)
-from .fused import rms_norm, rope
+from .fused import Linear, rms_norm, rope
 
 
 class RMSNorm(nn.Module):
@@ -37,10 +37,10 @@ class Attention(nn.Module):
         self.hs = cfg.get("head_dim") or C // self.n_head
         self.layer_idx = layer_idx
         self.attn_dropout = cfg.get("attention_dropout", 0.0)
-        self.q_proj = nn.Linear(C, self.n_head * self.hs, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, self.n_kv_head * self.hs, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, self.n_kv_head * self.hs, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hs, C, bias=o_bias)
+        self.q_proj = Linear(C, self.n_head * self.hs, bias=qkv_bias)
+        self.k_proj = Linear(C, self.n_kv_head * self.hs, bias=qkv_bias)
+        self.v_proj = Linear(C, self.n_kv_head * self.hs, bias=qkv_bias)
+        self.o_proj = Linear(self.n_head * self.hs, C, bias=o_bias)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -58,8 +58,8 @@ class MLP(nn.Module):
     def __init__(self, cfg, bias):
         super().__init__()
         C, H = cfg["hidden_size"], cfg["intermediate_size"]
-        self.gate_proj, self.up_proj = nn.Linear(C, H, bias=bias), nn.Linear(C, H, bias=bias)
-        self.down_proj = nn.Linear(H, C, bias=bias)
+        self.gate_proj, self.up_proj = Linear(C, H, bias=bias), Linear(C, H, bias=bias)
+        self.down_proj = Linear(H, C, bias=bias)
         self.act = activation(cfg.get("hidden_act", "silu"))
 
     def forward(self, x):
@@ -133,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", False)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -148,7 +148,7 @@ class LlamaForSequenceClassification(nn.Module):
     def __init__(self, cfg, num_labels):
         super().__init__()
         self.model = LlamaModel(cfg)
-        self.score = nn.Linear(cfg["hidden_size"], num_labels, bias=False)
+        self.score = Linear(cfg["hidden_size"], num_labels, bias=False)
         self.pad_token_id = cfg.get("pad_token_id")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fused import linear_product
+
 from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
 from .nf4 import (DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
                   dequantize_nf4, dequantize_scratch_size, quantize_nf4)
@@ -67,7 +69,7 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return grad_y @ ctx.layer.transient_weight().to(grad_y.dtype), None
+        return linear_product(grad_y, ctx.layer.transient_weight().to(grad_y.dtype).t()), None
 
 
 class _QuantizedLinear(nn.Module):
@@ -169,11 +171,7 @@ class Linear4bit(_QuantizedLinear):
         return dequantize_nf4(self.weight_packed, self.state, out=out, scratch=scratch)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        # written through a 2-D view into a fresh (..., out) tensor, so the result is not itself a view
-        # and _QuantizedMatmul need not copy it
-        y = x.new_empty(*x.shape[:-1], self.out_features)
-        torch.mm(x.reshape(-1, self.in_features), self.transient_weight().t(), out=y.view(-1, self.out_features))
-        return y
+        return linear_product(x, self.transient_weight())  # no view: _QuantizedMatmul need not copy it
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

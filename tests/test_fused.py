@@ -126,6 +126,53 @@ def test_linear_cross_entropy_without_grad_and_lm_loss_fallback():
     torch.testing.assert_close(plain_loss, lce_reference(hidden, head.weight, head.bias, targets), rtol=1e-6, atol=0)
 
 
+# ---- frozen linear layers on oneDNN -----------------------------------------------------------------
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The weights each call of oneDNN's linear product received."""
+    if not fused._ONEDNN:
+        pytest.skip("this torch build has no oneDNN (mkldnn)")
+    calls, product = [], torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, *rest: calls.append(w) or product(x, w, *rest))
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stored_transposed", [False, True])  # GPT-2's Conv1D passes the view Wᵀ of its (in, out) weight
+def test_frozen_linear_equals_f_linear(onednn_calls, shape, bias, stored_transposed):
+    """A frozen weight: y and dL/dx equal F.linear's, both products on oneDNN; the output is no view,
+    so LoRA can add to it in place."""
+    weight = torch.randn(24, 16).t() if stored_transposed else torch.randn(16, 24)
+    b = torch.randn(16) if bias else None
+    x = torch.randn(shape)
+    ours, (ours_grad,) = grads(lambda t: fused.linear(t, weight, b), x)
+    ref, (ref_grad,) = grads(lambda t: F.linear(t, weight, b), x)
+    close(ours, ref, 1e-6)
+    close(ours_grad, ref_grad, 1e-6)
+    assert len(onednn_calls) == 2 and onednn_calls[0] is weight and torch.equal(onednn_calls[1], weight.t())
+    y = fused.linear(x.clone().requires_grad_(), weight, b)
+    assert y.shape == (*shape[:-1], 16) and not y._is_view()
+    with torch.no_grad():
+        close(fused.linear(x, weight, b), ref, 1e-6)
+    assert len(onednn_calls) == 4
+
+
+def test_linear_with_a_trained_weight_or_autocast_is_f_linear(onednn_calls):
+    """A weight or bias that trains gets its gradient from F.linear; autocast keeps its dtype."""
+    layer, reference, x = fused.Linear(24, 16), nn.Linear(24, 16), torch.randn(3, 5, 24)
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)  # the same kernel
+    layer.weight.requires_grad_(False)  # the bias still trains
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((16,), 15.0))
+    assert not onednn_calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert not onednn_calls
+
+
 # ---- dropout ------------------------------------------------------------------------------------
 
 def test_keep_mask_distribution():

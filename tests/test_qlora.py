@@ -266,7 +266,7 @@ def test_quantized_loading(tiny, family, task, quant):
     expected_heads = sorted(n for n in hf_linears if is_head(n))
     assert expected_quantized and expected_heads
     assert sorted(n for n, m in model.named_modules() if isinstance(m, layer_cls)) == expected_quantized
-    assert sorted(n for n, m in model.named_modules() if type(m) is nn.Linear) == expected_heads
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) == expected_heads
     assert not any(is_linear(m) for n, m in model.named_modules() if not is_head(n)), "a linear left unquantized"
     for name in expected_heads:  # heads keep the checkpoint's fp32 weights
         head = model.get_submodule(name)

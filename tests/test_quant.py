@@ -254,9 +254,9 @@ def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
         # eval-mode CPU kernel computes in bfloat16 on such CPUs: ~0.3% relative error per output
         tolerance = 1e-2 * y_ref.abs().max().item()
     else:
-        # dequantize + F.linear like ours; we add the bias after the matmul, bnb inside it
-        # (measured max difference 1.2e-7 on outputs of size ~1)
-        tolerance = 1e-6
+        # dequantize + F.linear like ours, where our product is oneDNN's (another summation order) and
+        # we add the bias after it, bnb inside (measured max difference 1.3e-6 on outputs of size ~1)
+        tolerance = 4e-6
     torch.testing.assert_close(y, y_ref, rtol=0, atol=tolerance)
 
     # bitsandbytes' fp32 path, on every CPU (tests/bnb_reference.py)
@@ -264,8 +264,8 @@ def test_linear4bit_matches_dequantized_linear_and_bitsandbytes(double_quant):
                                   quant_type="nf4")
     reference.load_state_dict(linear.state_dict())
     reference = fp32_linear4bit(reference.to("cpu").eval())
-    with torch.no_grad():
-        torch.testing.assert_close(y, reference(x), rtol=0, atol=1e-6)
+    with torch.no_grad():  # oneDNN's summation order against torch.matmul's: 1.3e-6 measured
+        torch.testing.assert_close(y, reference(x), rtol=0, atol=4e-6)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
@@ -310,7 +310,8 @@ def test_quantized_linear_backward(layer_cls, options):
     x = torch.randn(3, 128, requires_grad=True)
     grad_y = torch.randn(3, 64)
     layer(x).backward(grad_y)
-    assert torch.equal(x.grad, grad_y @ layer.dequantized_weight())
+    reference = grad_y @ layer.dequantized_weight()
+    torch.testing.assert_close(x.grad, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
 
 
 @pytest.mark.parametrize("layer_cls", [Linear4bit, Linear8bit])
