@@ -10,13 +10,20 @@
 2. Whole models with our products switched between the two (models.fused._ONEDNN), the variants
    alternating: the no-grad forward, a LoRA training step (r=8 on the default targets) and, for
    smollm2, greedy generation of 32 tokens. Both sides' logits and greedy tokens are checked.
+3. Batch lengths that change every step, as train.py's batches padded to their longest row: minilm-l6
+   LoRA steps at 32 x 8 ... 63 tokens, twice over, in a fresh process per variant: torch's products,
+   oneDNN's with our primitive cache capacity (models.fused.PRIMITIVE_CACHE_CAPACITY) and with
+   oneDNN's default of 1024. Time of those steps and the process's peak resident memory.
 """
 import argparse
+import json
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import interleaved, model_dir  # also puts the repository root on sys.path
+from common import ROOT, interleaved, model_dir  # also puts the repository root on sys.path
 from evaluation import next_token_nll
 from lora import LoraConfig, apply_lora
 from models import fused, load_model
@@ -99,6 +106,53 @@ def models(repeats):
     fused._ONEDNN = True
 
 
+LENGTHS_CHILD = r"""
+import json, os, resource, sys, time
+os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = {capacity!r}
+sys.path.insert(0, {root!r})
+import torch, torch.nn.functional as F
+from lora import LoraConfig, apply_lora
+from models import fused, load_model
+from quant.allocator import keep_freed_memory
+keep_freed_memory()
+fused._ONEDNN = {onednn!r}
+model, _ = load_model({folder!r}, task="seq-cls")
+apply_lora(model, LoraConfig(r=8, alpha=16, target_modules=["query", "value"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+labels = torch.randint(0, 2, (32,))
+
+def step(T):
+    ids = torch.randint(100, 1000, (32, T))
+    F.cross_entropy(model(ids, torch.ones_like(ids)), labels).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+model.train()
+for _ in range(3):
+    step(64)
+start = time.perf_counter()
+for T in list(range(8, 64)) * 2:
+    step(T)
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def varying_lengths():
+    folder = model_dir("minilm-l6")
+    if not folder.is_dir():
+        return print(f"\nvarying lengths: skipped, minilm-l6 not in {folder.parent}")
+    print("\n| minilm-l6, 112 LoRA steps at 32 x 8 ... 63 tokens | time (s) | peak RSS (GB) |\n|---|---|---|")
+    variants = [("torch's products", False, str(fused.PRIMITIVE_CACHE_CAPACITY)),
+                (f"oneDNN's, primitive cache {fused.PRIMITIVE_CACHE_CAPACITY} (ours)", True, str(fused.PRIMITIVE_CACHE_CAPACITY)),
+                ("oneDNN's, primitive cache 1024 (oneDNN's default)", True, "1024")]
+    for label, onednn, capacity in variants:
+        code = LENGTHS_CHILD.format(root=str(ROOT), folder=str(folder), onednn=onednn, capacity=capacity)
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+        result = json.loads(out.stdout.splitlines()[-1])
+        print(f"| {label} | {result['seconds']:.1f} | {result['peak'] / 1e9:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant (median reported)")
@@ -109,6 +163,7 @@ def main():
         return
     products(args.repeats)
     models(args.repeats)
+    varying_lengths()
 
 
 if __name__ == "__main__":

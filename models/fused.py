@@ -50,6 +50,7 @@ MiniLM step (about 55 to 21-38 ms), together with adding padding masks to attent
 0 / -inf instead of masked_fill_ with a broadcast bool mask.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,13 @@ def rope(x, cos, sin):
 # ---- frozen linear layers on oneDNN --------------------------------------------------------------
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN keeps every primitive it creates, one per product shape, in a cache of 1024 by default; with
+# a batch length that changes from step to step, a MiniLM run's cache grew to 0.9 GB (56 lengths;
+# bench/bench_gemm.py). One step needs about 12 (each layer shape, forward and backward), so a cap of
+# 32 keeps the memory at MKL's. oneDNN reads this when it creates its first primitive; a value the
+# user set stays.
+PRIMITIVE_CACHE_CAPACITY = 24
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
 
 def linear_product(x, weight, bias=None):

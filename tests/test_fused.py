@@ -1,6 +1,10 @@
 """models/fused.py against the composite PyTorch expressions it replaces (autograd's gradients of
 the textbook formula are the reference), and the dropout mask against its distribution."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import fused
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def grads(fn, *tensors, seed=0):
@@ -171,6 +177,19 @@ def test_linear_with_a_trained_weight_or_autocast_is_f_linear(onednn_calls):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
     assert not onednn_calls
+
+
+@pytest.mark.parametrize("users_value", [None, "7"])
+def test_importing_models_caps_onednns_primitive_cache_unless_the_user_did(users_value):
+    """oneDNN's default cache of 1024 primitives (one per product shape) held 0.9 GB after a run of
+    varying batch lengths (bench/bench_gemm.py); importing models sets a small cap before oneDNN reads it."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if users_value:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = users_value
+    code = "import os, models; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (users_value or str(fused.PRIMITIVE_CACHE_CAPACITY))
+    assert fused.PRIMITIVE_CACHE_CAPACITY < 1024
 
 
 # ---- dropout ------------------------------------------------------------------------------------
