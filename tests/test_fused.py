@@ -181,8 +181,9 @@ def test_linear_with_a_trained_weight_or_autocast_is_f_linear(onednn_calls):
 
 @pytest.mark.parametrize("users_value", [None, "7"])
 def test_importing_models_caps_onednns_primitive_cache_unless_the_user_did(users_value):
-    """oneDNN's default cache of 1024 primitives (one per product shape) held 0.9 GB after a run of
-    varying batch lengths (bench/bench_gemm.py); importing models sets a small cap before oneDNN reads it."""
+    """oneDNN's default cache of 1024 primitives (one per product shape) doubled the peak memory of steps
+    whose batch length changes (bench/bench_gemm.py); importing models sets a small cap before oneDNN
+    reads it."""
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if users_value:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = users_value
