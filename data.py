@@ -175,9 +175,8 @@ def text_column(rows):
 
 def classification_columns(rows):
     """The text column, or the two of a sentence pair, that a classifier reads: a tuple, or None."""
-    cols = columns_of(rows)
-    pair = next((p for p in TEXT_PAIR_COLUMNS if set(p) <= cols), None)
-    return pair or ((text_column(rows),) if text_column(rows) else None)
+    cols, one = columns_of(rows), text_column(rows)
+    return next((p for p in TEXT_PAIR_COLUMNS if set(p) <= cols), None) or ((one,) if one else None)
 
 
 def pair_columns(rows):

@@ -23,8 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, interleaved, model_dir  # also puts the repository root on sys.path
-from evaluation import next_token_nll
+from common import ROOT, inputs, interleaved, model_dir, our_loss, training_step  # also puts the root on sys.path
 from lora import LoraConfig, apply_lora
 from models import fused, load_model
 from models.generate import generate
@@ -71,25 +70,14 @@ def models(repeats):
         lora, _ = load_model(folder, task=task)
         apply_lora(lora, LoraConfig(r=8, alpha=16, target_modules=targets))
         optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-5)
-        torch.manual_seed(0)
-        ids = torch.randint(100, 1000, (B, T))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        labels = torch.randint(0, 2, (B,))
+        ids, mask, labels = inputs(task, B, T)
 
         def forward():
             with torch.inference_mode():
-                return base(ids, batch["attention_mask"])
+                return base(ids, mask)
 
         def step():
-            lora.train()
-            if task == "seq-cls":
-                loss = F.cross_entropy(lora(ids, batch["attention_mask"]), labels)
-            else:
-                nll, n = next_token_nll(lora, batch)
-                loss = nll / n
-            loss.backward()
-            optimizer.step()
-            lora.zero_grad(set_to_none=True)
+            training_step(lora, optimizer, lambda m: our_loss(m, task, ids, mask, labels))
 
         cases = {"no-grad forward": forward, "LoRA training step": step}
         if task == "causal-lm":

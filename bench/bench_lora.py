@@ -24,11 +24,9 @@ import sys
 
 import peft
 import torch
-import torch.nn.functional as F
 import transformers
 
-from common import interleaved, model_dir
-from evaluation import next_token_nll
+from common import inputs, interleaved, model_dir, our_loss, training_step
 from lora import LoraConfig, apply_lora, merge_adapter
 from models import load_model
 from quant.allocator import keep_freed_memory
@@ -54,19 +52,6 @@ def peft_model(folder, auto, peft_task, targets, rank):
                                                       target_modules=targets))
     randomize_b(theirs)
     return theirs, hf_base
-
-
-def inputs(task, B, T):
-    torch.manual_seed(0)
-    ids = torch.randint(100, 1000, (B, T))
-    return ids, torch.ones_like(ids), torch.randint(0, 2, (B,)) if task == "seq-cls" else ids
-
-
-def training_step(model, optimizer, loss, train=True):
-    model.train(train)
-    loss(model).backward()
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
 
 
 def no_grad_forward(model, call):
@@ -115,20 +100,17 @@ def main():
 
         optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
 
-        def our_loss(model):
-            if task == "seq-cls":
-                return F.cross_entropy(model(ids, mask), labels)
-            nll, n = next_token_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-            return nll / n
+        def loss(model):
+            return our_loss(model, task, ids, mask, labels)
 
         fns = {
-            "ours": lambda: training_step(ours, optimizer, our_loss),
+            "ours": lambda: training_step(ours, optimizer, loss),
             "floor": lambda: no_grad_forward(base, lambda m: m(ids, mask)),
             **peft_fns(theirs, hf_base, ids, mask, labels),
         }
         has_dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())
         if has_dropout:  # eval mode switches every dropout off; gradients flow as in training
-            fns["ours, base dropout off"] = lambda: training_step(ours, optimizer, our_loss, train=False)
+            fns["ours, base dropout off"] = lambda: training_step(ours, optimizer, loss, train=False)
         t = interleaved(fns, repeats=args.repeats)
         # stderr is not captured, so the child's errors reach the terminal
         child = subprocess.run([sys.executable, __file__, "--peft-as-run", name, "--repeats", str(args.repeats),

@@ -46,3 +46,33 @@ def round_robin_times(fns, repeats=10, warmup=2, before=None):
 def interleaved(fns, repeats=10, warmup=2):
     """Median time of each function, run round-robin."""
     return {name: statistics.median(t) for name, t in round_robin_times(fns, repeats, warmup).items()}
+
+
+# ---- a LoRA training step of ours, as bench_lora.py and bench_gemm.py time it ----------------------------
+
+def inputs(task, B, T):
+    """(ids, attention mask, labels) of a fixed random batch: class ids for seq-cls, the ids themselves for an LM."""
+    import torch
+
+    torch.manual_seed(0)
+    ids = torch.randint(100, 1000, (B, T))
+    return ids, torch.ones_like(ids), torch.randint(0, 2, (B,)) if task == "seq-cls" else ids
+
+
+def our_loss(model, task, ids, mask, labels):
+    """What train.py computes: the classifier's cross-entropy, or the mean next-token NLL (models/fused.py)."""
+    import torch.nn.functional as F
+    from evaluation import next_token_nll
+
+    if task == "seq-cls":
+        return F.cross_entropy(model(ids, mask), labels)
+    nll, n = next_token_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return nll / n
+
+
+def training_step(model, optimizer, loss, train=True):
+    """Forward, loss(model), backward, optimizer step."""
+    model.train(train)
+    loss(model).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)

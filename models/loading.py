@@ -179,10 +179,10 @@ def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatche
                 if name is None:
                     continue  # another task's head (e.g. an LM head when classifying) or an old buffer
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(ours[name]) and is_new_head(name, model) and ignore_mismatched_sizes:
-                    resized.add(name)
-                    continue
                 if shape != tuple(ours[name]):
+                    if ignore_mismatched_sizes and is_new_head(name, model):
+                        resized.add(name)
+                        continue
                     raise LoadError(f"{file}: tensor {key} has shape {shape}, the model expects {tuple(ours[name])}"
                                     + (" (pass num_labels to match the checkpoint, or ignore_mismatched_sizes=True "
                                        "for a new head)" if is_new_head(name, model) else ""))
@@ -214,7 +214,8 @@ def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatche
             module.to_empty(device="cpu").to(dtype)
             init_new_weights(module, std)
             model.random_heads.append(head)
-            model.resized_heads += [head] if other_size else []
+            if other_size:
+                model.resized_heads.append(head)
     if tied:
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
 
