@@ -122,21 +122,25 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         weight = self._unmerged_weight(self._base_weight())  # (out, in)
-        factory = dict(device=weight.device, dtype=weight.dtype)
+        # fp32 factors also on a bf16/fp16 base (peft's autocast_adapter_dtype): AdamW's small updates
+        # would round away in bf16.
+        factory = dict(device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
         # Same creation order as peft (A, then B, then re-init A) so a seeded RNG gives peft's A.
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
+        A = self.lora_A[name].weight
         if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.lora_A[name].weight, std=1 / rank)
+            nn.init.normal_(A, std=1 / rank)
+        A.copy_(A.to(weight.dtype))  # peft's A went through the base's dtype once, so ours too
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.lora_alpha[name] = rank, alpha
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        if use_dora:
-            magnitude = torch.linalg.norm(weight + self._delta_weight(name), dim=1)  # (out,)
-            self.lora_magnitude_vector[name] = DoRAMagnitude(magnitude)
+        if use_dora:  # ||W|| in the base's dtype, as peft
+            magnitude = torch.linalg.norm(weight + self._delta_weight(name).to(weight.dtype), dim=1)  # (out,)
+            self.lora_magnitude_vector[name] = DoRAMagnitude(magnitude.to(factory["dtype"]))
         self.set_adapter(self.active_adapters or [name])  # also freezes the new one if inactive
 
     def set_adapter(self, names: str | list[str]) -> None:
@@ -181,16 +185,20 @@ class LoRALinear(nn.Module):
         # view in place would make autograd copy the whole output back in backward (CopySlices)
         x = x.reshape(-1, self.in_features)  # (N, in)
         result = self.base_layer(x)  # (N, out)
+        result_dtype = result.dtype
         for name in self.active_adapters:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             scale, dropout = self.scaling[name], self.lora_dropout[name]
             use_dropout = self.training and isinstance(dropout, nn.Dropout)
             x_lora = dropout(x) if use_dropout else x
-            h = F.linear(x_lora, A)  # (N, rank)
+            h = F.linear(x_lora.to(A.dtype), A)  # (N, rank); under autocast in its dtype
             if name not in self.lora_magnitude_vector:
+                if h.dtype != result.dtype:  # fp32 factors on a bf16 base: add in fp32, round once (peft)
+                    result = result + scale * F.linear(h, B)
+                    continue
                 # result += scale * h @ B^T as one fused in-place GEMM; linear's backward never needs
                 # its own output, so modifying it in place is safe for autograd.
-                result.addmm_(h.to(result.dtype), B.t().to(result.dtype), alpha=scale)
+                result.addmm_(h, B.t().to(result.dtype), alpha=scale)
                 continue
             weight = self._base_weight()  # (out, in)
             with torch.no_grad():  # the norm is a constant for backprop (DoRA section 4.3)
@@ -202,7 +210,7 @@ class LoRALinear(nn.Module):
                 bias = self.base_layer.bias
                 base_no_bias = result if bias is None else result - bias
             result = result + (f - 1) * base_no_bias + f * scale * F.linear(h, B)
-        return result.view(shape)
+        return result.to(result_dtype).view(shape)
 
     # ---- merging ---------------------------------------------------------------------------------
 

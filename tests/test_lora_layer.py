@@ -296,3 +296,33 @@ def test_quantized_base_goes_through_hooks(variant):
     no_hook.add_adapter("default", RANK, ALPHA)
     with pytest.raises(NotImplementedError, match="requantize_"):
         no_hook.merge()
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_gets_fp32_adapters_like_peft(variant, dtype):
+    # peft (autocast_adapter_dtype, on by default in get_peft_model) keeps the factors in fp32 on a
+    # bf16/fp16 base; in bf16 most of AdamW's small updates would round away.
+    peft = pytest.importorskip("peft")
+    base = make_base("linear").to(dtype)
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)),
+                              peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"], **VARIANTS[variant]))
+    ref_layer = ref.base_model.model[0]
+    torch.manual_seed(0)
+    ours = LoRALinear(base)
+    ours.add_adapter("default", RANK, ALPHA, **VARIANTS[variant])
+    ref_state = ref_layer.state_dict()
+    for key, value in ours.state_dict().items():  # A drawn as peft draws it, then rounded through dtype
+        assert value.dtype == ref_state[key].dtype == (torch.float32 if "lora_" in key else dtype), key
+        assert torch.equal(value, ref_state[key]), key
+    randomize(ours, ref_layer)
+    x = x_input().to(dtype)
+    y = ours(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref_layer(x), atol=0, rtol=0)
+    A = ours.lora_A["default"].weight
+    before = A.detach().clone()
+    y.float().square().sum().backward()
+    torch.optim.AdamW([A], lr=1e-4).step()
+    assert (A != before).all()  # every entry moved by ~1e-4 (most would not in bf16)
