@@ -71,6 +71,9 @@ class LoraConfig:
         if not (layers is None or type(layers) is int
                 or (isinstance(layers, list) and all(type(i) is int for i in layers))):
             raise AdapterError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        if isinstance(self.target_modules, str) and (layers is not None or self.layers_pattern is not None):
+            raise AdapterError("layers_to_transform / layers_pattern need target_modules as a list of names; a "
+                               f"regex or 'all-linear' ({self.target_modules!r}) picks the layers itself (as peft)")
         if self.init not in ("kaiming", "gaussian"):
             raise AdapterError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -96,10 +99,24 @@ class ModulesToSave(nn.Module):
         for key, module in self.modules_to_save.items():
             module.requires_grad_(key == name)
 
-    def forward(self, *args, **kwargs):
+    @property
+    def active_module(self):
         if self.disabled or self.active_adapter is None:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        """Attributes the wrapper lacks come from the active module, as in peft: models read
+        `position_embeddings.weight` directly, and then read the trained copy's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module, name)
 
 
 def model_type(model):
@@ -247,6 +264,8 @@ def _check_adapter(model, name):
 def set_adapter(model, name):
     """Make `name` the active (and only trainable) adapter. A merged model is unmerged first, with a
     warning, as peft does (adding an adapter sets one too)."""
+    if hasattr(model, "prompt_embeddings"):  # a PromptTuningModel switches its own prompts
+        return model.set_adapter(name)
     _check_adapter(model, name)
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if merged:
@@ -277,6 +296,8 @@ def disable_adapters(model):
 
 
 def delete_adapter(model, name):
+    if hasattr(model, "prompt_embeddings"):
+        return model.delete_adapter(name)
     _check_adapter(model, name)
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
@@ -519,5 +540,8 @@ def load_adapter(model, folder, adapter_name="default"):
         missing = sorted(k for k in expected - set(state) if ".modules_to_save." not in k)
         if missing:
             raise AdapterError(f"{folder}: adapter lacks {len(missing)} tensor(s) its config needs, e.g. {missing[0]}")
-        load_state_strict(model, state, folder, expected)
+        # With lm_head or an embedding among the targets, peft also saves that layer's base weight
+        # (save_embedding_layers="auto", for resized vocabularies) and loads it back: so do we.
+        base_copies = {k for k in model.state_dict() if k.endswith(".base_layer.weight") and k in state}
+        load_state_strict(model, state, folder, expected | base_copies)
     return model

@@ -11,6 +11,7 @@ bad configs and bad files fail with a clear AdapterError.
 import json
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -303,6 +304,23 @@ def test_peft_adapter_loads_in_ours(tiny, tmp_path, family, task, variant):
     check_logits(run_ours(ours.eval(), ids, mask), run_ref(ref, ids, mask), "peft saved -> ours loaded")
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_peft_adapter_on_lm_head_loads_with_its_base_weight(tiny, tmp_path, family):
+    """With lm_head among the targets peft also saves lm_head's base weight, and loads it back."""
+    task = "causal-lm"
+    ref = peft.get_peft_model(plain_hf(tiny, family, task), ref_config(family, task, targets=["q_proj", "lm_head"])).eval()
+    randomize(ref_inner(ref), seed=6)
+    with torch.no_grad():  # as after resizing the vocabulary: the saved base weight is not the checkpoint's
+        ref_inner(ref).lm_head.base_layer.weight.mul_(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "Setting `save_embedding_layers` to `True` ..."
+        ref.save_pretrained(str(tmp_path))
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = load_adapter(plain_ours(tiny, family, task), tmp_path).eval()
+    ids, mask = inputs(family)
+    check_logits(run_ours(ours, ids, mask), run_ref(ref, ids, mask), f"{family}: peft adapter on lm_head -> ours")
+
+
 @pytest.mark.parametrize("family", ["distilbert", "gpt2"])
 def test_peft_adapter_with_default_head_config_loads_in_ours(tiny, tmp_path, family):
     """peft's own SEQ_CLS default (modules_to_save None -> ["classifier", "score"]) and base untouched."""
@@ -410,6 +428,31 @@ def test_unknown_target_module(tiny):
     assert model.state_dict().keys() == before.keys()
 
 
+EMBEDDINGS_TO_SAVE = [("gpt2", "causal-lm", "c_fc", "wpe"), ("bert", "seq-cls", "query", "position_embeddings"),
+                      ("bert", "seq-cls", "query", "token_type_embeddings"),
+                      ("distilbert", "seq-cls", "q_lin", "position_embeddings")]
+
+
+@pytest.mark.parametrize("family,task,target,saved", EMBEDDINGS_TO_SAVE)
+def test_embeddings_read_by_weight_train_as_modules_to_save(tiny, family, task, target, saved):
+    """The models read these embeddings' .weight directly; as modules_to_save they read the trained copy."""
+    to_save = [saved] + ({"bert": ["classifier"]}.get(family) or heads_for(family, task) or [])
+    ours = apply_lora(plain_ours(tiny, family, task), LoraConfig(r=R, alpha=ALPHA, target_modules=[target],
+                                                                modules_to_save=to_save))
+    ref = peft.get_peft_model(plain_hf(tiny, family, task), peft.LoraConfig(
+        task_type=PEFT_TASK[task], r=R, lora_alpha=ALPHA, target_modules=[target], modules_to_save=to_save)).eval()
+    randomize(ours)
+    copy_ours_to_ref(ours, ref)
+    ids, mask = inputs(family)
+    logits = run_ours(ours.eval(), ids, mask, grad=True)
+    check_logits(logits, run_ref(ref, ids, mask), f"{family} {saved}")
+    assert_differs(logits.detach(), run_ours(plain_ours(tiny, family, task), ids, mask), "trained copy vs base")
+    logits.square().sum().backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if saved in n}
+    assert all(g is not None for n, g in grads.items() if ".modules_to_save." in n), grads.keys()
+    assert all(g is None for n, g in grads.items() if ".original_module." in n)
+
+
 def test_targets_only_inside_modules_to_save(tiny):
     model = plain_ours(tiny, "distilbert", "seq-cls")
     message = (r"^target modules \['q_lin'\] match only layers that get no adapter: those inside modules trained in "
@@ -433,6 +476,10 @@ def test_config_and_adapter_calls_on_a_model_without_adapters(tiny, tmp_path):
     for layers in ("1", [0, "1"], 1.0):
         with pytest.raises(AdapterError, match=r"^layers_to_transform must be a layer index or a list of them, got"):
             LoraConfig(layers_to_transform=layers)
+    for targets in ("all-linear", r".*\.q_proj"):  # peft refuses these too
+        for narrowing in ({"layers_to_transform": [0]}, {"layers_pattern": "layers"}):
+            with pytest.raises(AdapterError, match=r"^layers_to_transform / layers_pattern need target_modules as a list"):
+                LoraConfig(target_modules=targets, **narrowing)
     model = plain_ours(tiny, "gpt2", "causal-lm")
     message = r"^the model has no adapter \(add one with apply_lora or load_adapter\)$"
     for call in (lambda: save_adapter(model, tmp_path / "adapter"), lambda: set_adapter(model, "default"),

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora import AdapterError, PromptTuningModel, disable_adapters, load_adapter, save_adapter
+from lora import (AdapterError, PromptTuningModel, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                  set_adapter)
 from models import generate, load_model
 from tiny import (HIDDEN, NUM_LABELS, PEFT_CASES, PEFT_TASK, SPECIAL_IDS, _TOKENIZER_KIND, load_hf, random_ids,
                   run_ours)
@@ -312,8 +313,11 @@ def test_two_prompts_switch_like_peft(tiny, family, task):
     ids, mask = inputs(family)
     base = run_ours(plain_ours(tiny, family, task), ids, mask)
     outputs = {}
-    for name, n in [("second", 3), ("first", N), ("second", 3)]:
-        wrapper.set_adapter(name)
+    for i, (name, n) in enumerate([("second", 3), ("first", N), ("second", 3), ("first", N), ("second", 3)]):
+        if i < 3:
+            wrapper.set_adapter(name)
+        else:  # lora's function hands off to the method, as save_adapter and disable_adapters do
+            set_adapter(wrapper, name)
         ref.set_adapter(name)
         trainable = {k for k, p in wrapper.named_parameters() if p.requires_grad}
         assert f"prompt_embeddings.{name}" in trainable
@@ -325,8 +329,9 @@ def test_two_prompts_switch_like_peft(tiny, family, task):
         with disabled:
             check(run_ours(wrapper, ids, mask), base, "disabled")
         check(run_ours(wrapper, ids, mask), outputs["second"], "enabled again")
-    wrapper.delete_adapter("second")
+    delete_adapter(wrapper, "second")
     assert wrapper.active_adapter == "first" and list(wrapper.prompt_embeddings) == ["first"]
+    assert list(wrapper.peft_config) == ["first"]
     check(run_ours(wrapper, ids, mask), outputs["first"], "after deleting second")
     with pytest.raises(AdapterError, match="second"):
         wrapper.set_adapter("second")
