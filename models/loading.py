@@ -152,9 +152,14 @@ def quantization_targets(model, quant):
         return {}
     if quant not in QUANT:
         raise LoadError(f"unknown quantization {quant!r}; choose from {', '.join(QUANT)}")
-    from quant.linear import is_linear, is_skipped
+    from quant.linear import BLOCKSIZE, is_linear, is_skipped
 
-    return {name: m for name, m in model.named_modules() if is_linear(m) and not is_skipped(name)}
+    targets = {name: m for name, m in model.named_modules() if is_linear(m) and not is_skipped(name)}
+    uneven = [(name, m.weight.numel()) for name, m in targets.items() if m.weight.numel() % BLOCKSIZE]
+    if quant != "int8" and uneven:  # checked before reading: bitsandbytes would give these a short last block
+        raise LoadError(f"{uneven[0][0]} has {uneven[0][1]} weights, not a multiple of NF4's block of {BLOCKSIZE} "
+                        f"({len(uneven)} such layer(s)); load this model with quant='int8' or without quant")
+    return targets
 
 
 def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatched_sizes=False):

@@ -21,7 +21,7 @@ from torch import nn
 from models.fused import linear_product
 
 from .int8 import int8_linear, vectorwise_dequantize, vectorwise_quantize
-from .nf4 import (DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
+from .nf4 import (BLOCKSIZE, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize,
                   dequantize_nf4, dequantize_scratch_size, quantize_nf4)
 
 BACKENDS = ("ours", "bnb")
@@ -113,6 +113,17 @@ class _QuantizedLinear(nn.Module):
         if not torch.isfinite(weight).all():  # a block or row scale would be NaN / inf and its codes garbage
             raise ValueError("cannot quantize a weight that holds NaN or inf")
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, but the float buffers (the quantization constants) keep float32 when the
+        model is cast (.to(torch.bfloat16), .half()), as bitsandbytes' quant state does; device moves
+        apply to them."""
+        constants = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in constants.items():
+            if self._buffers[name].dtype != before.dtype:
+                self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = _QuantizedMatmul.apply(x.to(self.compute_dtype), self)  # (..., out)
         if self.bias is not None:
@@ -128,7 +139,7 @@ class Linear4bit(_QuantizedLinear):
     """
 
     def __init__(self, in_features, out_features, bias=True, compute_dtype=torch.float32,
-                 blocksize=64, double_quant=False, backend="ours"):
+                 blocksize=BLOCKSIZE, double_quant=False, backend="ours"):
         super().__init__(in_features, out_features, bias, compute_dtype, backend)
         numel = in_features * out_features
         check_blocksize(numel, blocksize)
@@ -274,7 +285,8 @@ def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.
     """Replace every nn.Linear / Conv1D by Linear4bit (bits=4) or Linear8bit (bits=8), in place.
 
     A module is skipped when an entry of `skip` is a dotted part of its name ("classifier"
-    matches "classifier" and "classifier.out_proj"): task heads stay full precision.
+    matches "classifier" and "classifier.out_proj"): task heads stay full precision. LoRA factors
+    (lora_A, lora_B) always are; the base layer under them is quantized.
     `config` goes to from_linear (compute_dtype, blocksize, double_quant, threshold, backend).
     """
     layer_cls = {4: Linear4bit, 8: Linear8bit}.get(bits)
@@ -283,7 +295,7 @@ def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if is_linear(child) and not is_skipped(name, skip):
+            if is_linear(child) and not is_skipped(name, (*skip, "lora_A", "lora_B")):
                 setattr(parent, child_name, layer_cls.from_linear(child, **config))
     return model
 

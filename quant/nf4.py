@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZE = 64  # the default, as bitsandbytes'
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256
 
@@ -165,7 +166,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksi
 QUANTIZE_CHUNK = 1 << 16
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
+def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = False):
     """Quantize `weight` (any shape, numel a multiple of blocksize) to packed NF4.
 
     Returns (packed (numel / 2, 1) uint8, NF4State).

@@ -28,7 +28,8 @@ from torch import nn
 from lora import LoRALinear, LoraConfig, apply_lora, load_adapter, merge_adapter, merge_and_unload, save_adapter
 from models import load_model, save_model
 from models.loading import LoadError
-from quant import Linear4bit, Linear8bit, dequantize_model, int8_linear, quantize_nf4, vectorwise_quantize
+from quant import (Linear4bit, Linear8bit, dequantize_model, int8_linear, quantize_model, quantize_nf4,
+                   vectorwise_quantize)
 from bnb_reference import bnb_dequantize, fp32_linear4bit
 from tiny import NUM_LABELS, PEFT_TASK, load_hf, random_ids, run_ours, write_checkpoint
 
@@ -517,6 +518,25 @@ def test_saved_qlora_adapter_equals_fp32_adapter(tiny, tmp_path, family, task, q
     check_close(run_ours(again, ids, mask), run_ours(quantized.eval(), ids, mask), 0, "reloaded QLoRA adapter")
 
 
+def test_quantizing_a_lora_model_keeps_its_adapters(tiny):
+    """quantize_model after apply_lora quantizes the base layers only: the same model as QLoRA built
+    the usual way round (quantize, then add LoRA)."""
+    folder, config = tiny.folder("qwen2", "causal-lm"), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    after = quantize_model(apply_lora(load_model(folder, task="causal-lm")[0], config), bits=4)
+    before = apply_lora(quantize_model(load_model(folder, task="causal-lm")[0], bits=4), config)
+    lora = [m for m in after.modules() if isinstance(m, LoRALinear)]
+    assert len(lora) == 4 and all(isinstance(m.base_layer, Linear4bit) for m in lora)
+    assert all(type(m.lora_A["default"]) is nn.Linear and type(m.lora_B["default"]) is nn.Linear for m in lora)
+    with torch.no_grad():
+        for name, p in after.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    before.load_state_dict(after.state_dict())
+    ids = random_ids("qwen2", 2, 7)
+    torch.testing.assert_close(run_ours(after, ids, torch.ones_like(ids)), run_ours(before, ids, torch.ones_like(ids)),
+                               atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ 5. bad input
 
 
@@ -524,6 +544,18 @@ def test_unknown_quantization_names_the_choices(tiny):
     folder = tiny.folder("qwen2", "causal-lm")
     with pytest.raises(LoadError, match=r"'nf3'.*nf4, nf4-dq, int8"):
         load_model(folder, task="causal-lm", quant="nf3")
+
+
+def test_layer_not_a_whole_number_of_nf4_blocks_is_named(tmp_path):
+    # hidden 40, 4 heads, 2 kv heads: k_proj and v_proj hold 40 x 20 = 800 weights, 12.5 blocks of 64
+    write_checkpoint(tmp_path, "qwen2", "causal-lm", hidden_size=40)
+    for quant in ("nf4", "nf4-dq"):
+        with pytest.raises(LoadError, match=r"^model\.layers\.0\.self_attn\.k_proj has 800 weights, not a multiple of "
+                                            r"NF4's block of 64 \(4 such layer\(s\)\); load this model with "
+                                            r"quant='int8' or without quant$"):
+            load_model(tmp_path, task="causal-lm", quant=quant)
+    model, _ = load_model(tmp_path, task="causal-lm", quant="int8")
+    assert isinstance(model.model.layers[0].self_attn.k_proj, Linear8bit)
 
 
 # ------------------------------------------------------------------ 6. allocator policy (train.py --quant)

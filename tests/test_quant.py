@@ -314,6 +314,22 @@ def test_quantized_linear_backward(layer_cls, options):
     torch.testing.assert_close(x.grad, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
 
 
+@pytest.mark.parametrize("layer_cls, options", [(Linear4bit, {}), (Linear4bit, {"double_quant": True}),
+                                                (Linear8bit, {})])
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)])
+def test_casting_the_model_keeps_the_quantization_constants(layer_cls, options, cast):
+    """Ŵ does not move when a model is cast to another dtype, as bitsandbytes' does not."""
+    linear = nn.Linear(128, 64)
+    nn.init.normal_(linear.weight, std=0.02)
+    layer = layer_cls.from_linear(linear, **options)
+    before = layer.dequantized_weight().clone()
+    constants = [name for name, b in layer.named_buffers() if b.is_floating_point()]
+    assert constants  # the test would otherwise check nothing
+    cast(layer)
+    assert all(getattr(layer, name).dtype == torch.float32 for name in constants)
+    assert torch.equal(layer.dequantized_weight(), before)
+
+
 @pytest.mark.parametrize("layer_cls", [Linear4bit, Linear8bit])
 def test_conv1d_input(layer_cls):
     from transformers.pytorch_utils import Conv1D
