@@ -345,8 +345,24 @@ def restored_on_error(model):
         raise
 
 
+def warn_if_tied(model):
+    """A layer whose weight is tied to another module's (an LM head to the input embedding) merges W + ΔW
+    into both: the merged model is then not the unmerged one. peft does the same, and warns too."""
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, layer in lora_layers(model):
+        weight = getattr(layer.base_layer, "weight", None)
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
+        if others and layer.active_adapters and not layer.merged:
+            warnings.warn(f"{name} shares its weight with {others[0].rsplit('.', 1)[0]} (tied embeddings): merging "
+                          "changes both, so the merged model differs from the unmerged one; keep this adapter "
+                          "unmerged to change the output layer alone", UserWarning, stacklevel=3)
+
+
 def merge_adapter(model, safe=True):
     """Fold the active adapter into the base weights (kept wrapped, so unmerge_adapter can undo it)."""
+    warn_if_tied(model)
     for _, layer in lora_layers(model):
         layer.merge(safe=safe)
 
@@ -360,6 +376,7 @@ def merge_and_unload(model, adapter_name=None, safe=True):
     """Merge one adapter into the base weights and remove every adapter: a plain model again."""
     if adapter_name is not None:
         set_adapter(model, adapter_name)
+    warn_if_tied(model)
     for name, layer in lora_layers(model):
         layer.merge(safe=safe)
         model.set_submodule(name, layer.base_layer)

@@ -321,6 +321,29 @@ def test_peft_adapter_on_lm_head_loads_with_its_base_weight(tiny, tmp_path, fami
     check_logits(run_ours(ours, ids, mask), run_ref(ref, ids, mask), f"{family}: peft adapter on lm_head -> ours")
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_merging_into_a_tied_lm_head_warns(tiny, family):
+    """Merged W + ΔW lands in the input embedding too when lm_head is tied to it: a different model."""
+    task, targets = "causal-lm", ["q_proj", "lm_head"]
+    for merge in (merge_adapter, merge_and_unload):
+        ours = apply_lora(plain_ours(tiny, family, task), our_config(family, task, targets=targets)).eval()
+        randomize(ours)
+        ids, mask = inputs(family)
+        unmerged = run_ours(ours, ids, mask)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge(ours)
+        tied = [str(w.message) for w in caught if "tied embeddings" in str(w.message)]
+        if family == "llama":
+            assert not tied
+            check_logits(run_ours(ours, ids, mask), unmerged, "merged, untied")
+        else:
+            assert tied == ["lm_head shares its weight with model.embed_tokens (tied embeddings): merging changes "
+                            "both, so the merged model differs from the unmerged one; keep this adapter unmerged to "
+                            "change the output layer alone"]
+            assert_differs(run_ours(ours, ids, mask), unmerged, "merged, tied")  # what the warning is about
+
+
 @pytest.mark.parametrize("family", ["distilbert", "gpt2"])
 def test_peft_adapter_with_default_head_config_loads_in_ours(tiny, tmp_path, family):
     """peft's own SEQ_CLS default (modules_to_save None -> ["classifier", "score"]) and base untouched."""
