@@ -70,6 +70,8 @@ def resolve(name_or_path, cache_dir=None):
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        raise LoadError(f"{path} is a file; pass the folder that holds config.json, *.safetensors and tokenizer.json")
     tried = [f"local folder {path} (does not exist)"]
     fetched = models_dir() / str(name_or_path)
     if fetched.is_dir():

@@ -527,6 +527,14 @@ def test_folder_without_config(tiny, tmp_path):
     assert "config.json" in one_line_error(e)
 
 
+def test_a_file_given_as_the_model(tiny, tmp_path):
+    """The config.json itself, say: named as a file (was "local folder ... (does not exist)")."""
+    folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
+    with pytest.raises(LoadError, match=r"^.*ck/config\.json is a file; pass the folder that holds config\.json, "
+                                        r"\*\.safetensors and tokenizer\.json$"):
+        load_model(str(folder / "config.json"))
+
+
 def test_unsupported_model_type(tiny, tmp_path):
     folder = tiny.copy("bert", "base", tmp_path / "ck")
     cfg = json.loads((folder / "config.json").read_text())
