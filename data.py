@@ -213,6 +213,9 @@ def check_rows(rows, task, split):
             missing = "label" if row.get("label") in (None, "") else next((c for c in texts if row.get(c) is None), None)
             if missing:  # "": an empty CSV cell
                 raise DataError(f"split {split!r} row {number}: missing {missing}")
+            if not isinstance(row["label"], (str, int, float)):  # bool is an int
+                raise DataError(f"split {split!r} row {number}: label {row['label']!r} is not one class "
+                                "(a string or a number)")
     elif task == "causal-lm":
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "
@@ -235,8 +238,11 @@ def check_rouge(task, rows, split):
 
 
 def label_names(rows_by_split):
-    """Sorted distinct labels over all splits; ints must be 0..K-1."""
-    labels = {row["label"] for rows in rows_by_split for row in rows}
+    """Sorted distinct labels over all splits; int labels name the ids 0..max (as a Hub ClassLabel does)."""
+    labels = {row["label"] for rows in rows_by_split for row in rows} - {-1}  # -1: GLUE's unlabelled test rows
+    if len(labels) < 2:
+        raise DataError(f"the dataset has {'one label' if labels else 'no labels'} ({', '.join(map(repr, labels))}); "
+                        "a classifier needs two or more")
     if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
         return list(range(max(labels) + 1))
     return sorted(map(str, labels))
@@ -291,7 +297,13 @@ def encode_prompt_answer(prompt_ids, answer_ids, max_length):
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 
+ANSWER_ROOM = 8  # generate-label: tokens of a prompt's length left for the label word (and eos) it is scored with
+
+
 def encode_generate_label(rows, tokenizer, max_length, words, names, split):
+    if max_length <= ANSWER_ROOM:
+        raise DataError(f"generate-label keeps {ANSWER_ROOM} of --max-length's tokens for the label word; "
+                        f"--max-length {max_length} leaves none for the text")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     text = text_column(rows)
     examples = []
@@ -299,7 +311,7 @@ def encode_generate_label(rows, tokenizer, max_length, words, names, split):
         prompt = tokenizer.encode(LABEL_PROMPT.format(text=row[text]))
         example = encode_prompt_answer(prompt, tokenizer.encode(" " + words[y], add_special_tokens=False) + eos,
                                        max_length)
-        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - 8):]})
+        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - ANSWER_ROOM):]})
     return examples
 
 

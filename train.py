@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,7 +34,7 @@ import data
 from evaluation import classify, evaluate, metric_names, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
-from lora.adapters import head_names
+from lora.adapters import head_names, linear_layer_names, matches
 from models import Tokenizer, load_model, save_model
 from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve
 from quant import dequantize_model
@@ -110,7 +111,10 @@ def parse_args(argv=None):
                    help="lora: also write the model with the adapter merged in, in full precision (a quantized "
                         "base is dequantized first, not requantized), as a plain checkpoint in <output-dir>/merged")
     args = p.parse_args(argv)
-    for name in ("rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
+    for name, value in vars(args).items():  # nan or inf: argparse's float() takes "nan" and "inf"
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("alpha", "rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
                  "max_steps", "train_samples", "eval_samples", "lr"):  # the last four may be left out (None)
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -135,7 +139,8 @@ def parse_args(argv=None):
                     f"not to --method {args.method}")
     if args.output_dir is None:
         dataset = Path(args.dataset).name + (f"-{args.dataset_config}" if args.dataset_config else "")
-        args.output_dir = str(Path("runs") / f"{Path(args.model).name}-{dataset}-{args.method}")
+        model = Path(args.model).resolve().name if Path(args.model).exists() else Path(args.model).name  # "." too
+        args.output_dir = str(Path("runs") / f"{model}-{dataset}-{args.method}")
     return args
 
 
@@ -179,7 +184,9 @@ def prepare_data(args, tokenizer, task, splits):
     train_rows = data.subsample(splits[train_name], args.train_samples, args.seed)
     eval_rows = data.subsample(splits[eval_name], args.eval_samples, args.seed)
     test_rows = data.subsample(splits[test_name], args.eval_samples, args.seed)
-    names = data.label_names([train_rows, eval_rows, test_rows]) if task != "causal-lm" else None
+    # from the whole splits: a subset may miss a rare class, and the ids of the others would shift
+    names = data.label_names([splits[n] for n in dict.fromkeys((train_name, eval_name, test_name))]) \
+        if task != "causal-lm" else None
     words = data.parse_label_words(args.label_words, names, task)
     train_set, eval_set = (data.encode(rows, task, tokenizer, args.max_length, names, words, name)
                            for rows, name in ((train_rows, train_name), (eval_rows, eval_name)))
@@ -314,8 +321,16 @@ def check_not_interrupted(out):
                               "or start over in another --output-dir (or after deleting this one)")
 
 
+def damaged(path, error):
+    return LoadError(f"{path} is damaged ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                     f"start over in another --output-dir, or after deleting {Path(path).parent.parent}")
+
+
 def load_trainable(model, path):
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' own error types; re-raised naming the file
+        raise damaged(path, e) from e
     params = dict(model.named_parameters())
     trained = {name for name, p in params.items() if p.requires_grad}
     misfit = ([f"it lacks {name}" for name in sorted(trained - set(state))]
@@ -393,6 +408,13 @@ def add_method(args, model, tokenizer):
                 raise AdapterError(f"--modules-to-save: {name!r} matches no module of this model; its modules are "
                                    f"named: {', '.join(names)}")
         targets = "all-linear" if args.target_modules == "all-linear" else split(args.target_modules)
+        # apply_lora, as peft, needs only one of the names to match; a misspelt one typed here is an error
+        unmatched = [t for t in targets if not any(matches(n, [t]) for n in linear_layer_names(model))] \
+            if isinstance(targets, list) else []
+        if unmatched and len(unmatched) < len(targets):  # none matching: apply_lora says so
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
+            raise AdapterError(f"--target-modules: {', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'} "
+                               f"no linear layer of this model; its linear layers are named: {', '.join(suffixes)}")
         apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,
                                      use_dora=args.use_dora, target_modules=targets,
                                      modules_to_save=split(args.modules_to_save)))
@@ -401,6 +423,11 @@ def add_method(args, model, tokenizer):
         return PromptTuningModel(model).add_prompt("default", args.num_virtual_tokens, args.prompt_init,
                                                    args.prompt_init_text, tokenizer)
     return model.requires_grad_(True)
+
+
+def stop_on_sigterm(signum, frame):
+    """kill, a job scheduler or torchrun stopping the run: saved and resumable as after Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -446,7 +473,10 @@ def main(argv=None):
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "before": None}
     if args.resume:
-        state = read_json(out / "checkpoint" / "state.json")
+        saved_state = read_json(out / "checkpoint" / "state.json")
+        if set(state) - set(saved_state):
+            raise damaged(out / "checkpoint" / "state.json", KeyError(", ".join(sorted(set(state) - set(saved_state)))))
+        state = saved_state
     # both before the first evaluation, so that a wrong target name or an output folder that cannot be
     # made fails at once
     if is_main:
@@ -461,7 +491,7 @@ def main(argv=None):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     batches_per_epoch = len(micro_batches(len(train_set), args.batch_size, world, args.seed, 0))
-    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)  # the last step of an epoch may be short
     total_steps = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     if args.lr is None:
         args.lr = default_lr(args.method, task, total_steps)
@@ -469,13 +499,22 @@ def main(argv=None):
         print(f"{total_steps} optimizer steps, peak learning rate {args.lr:.3g}")
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+    if warmup >= total_steps and is_main:
+        print(f"note: --warmup {args.warmup:g} is {warmup} steps, as many as the run's {total_steps} or more: the "
+              f"learning rate never reaches {args.lr:.3g}", file=sys.stderr)
+    if state["step"] > total_steps:  # equal: interrupted in the final evaluation, which resuming redoes
+        raise LoadError(f"--resume: the checkpoint is at step {state['step']}, and this run ends at step {total_steps}; "
+                        "pass a larger --max-steps or --epochs to train on")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
     if args.resume:
         load_trainable(model, out / "checkpoint" / "trainable.safetensors")
-        saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        try:
+            saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+        except (RuntimeError, EOFError, KeyError, ValueError, TypeError) as e:  # torch.load's and the states' errors
+            raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
     if is_main:
@@ -492,14 +531,17 @@ def main(argv=None):
     committed = (copy.deepcopy(state), rng_state())  # the last finished step: what an interruption saves
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
     started, eval_seconds[0] = time.time(), 0.0
+    on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         while state["step"] < total_steps:
             model.train()
+            if state["micro"] >= len(epoch_batches):
+                state["epoch"], state["micro"] = state["epoch"] + 1, 0
+                epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
             group = []
-            for _ in range(args.grad_accum):
-                if state["micro"] >= len(epoch_batches):
-                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
-                    epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
+            # a step takes up to --grad-accum micro-batches but never spans two epochs (as transformers'
+            # Trainer), so --epochs N is N passes over the data
+            for _ in range(min(args.grad_accum, len(epoch_batches) - state["micro"])):
                 indices = epoch_batches[state["micro"]]
                 share = len(indices) // world
                 mine = indices[rank * share:(rank + 1) * share] if world > 1 else indices
@@ -515,6 +557,7 @@ def main(argv=None):
                 step_loss += total.item()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # this step's
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -522,13 +565,14 @@ def main(argv=None):
             committed = (copy.deepcopy(state), rng_state())
             step_loss = all_sum(step_loss, world) / (denominator * world)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if log:
                 log.write(json.dumps({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": step_loss,
-                                      "lr": scheduler.get_last_lr()[0], "time": time.time() - started}) + "\n")
+                                      "lr": lr, "time": time.time() - started}) + "\n")
                 log.flush()
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr")
+                raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr "
+                                         f"and start over in another --output-dir (or after deleting {out})")
             done = state["step"] >= total_steps
             if args.eval_every and state["step"] % args.eval_every == 0 or done:
                 result = run_eval(eval_set, "eval" if is_main else None)
@@ -564,6 +608,7 @@ def main(argv=None):
         checkpoint(committed[1])
         raise
     finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
         bar.close()
         if log:
             log.close()
@@ -591,6 +636,10 @@ def main(argv=None):
         if args.save_merged:  # last, as merging changes the model in place
             save_model(merge_and_unload(dequantize_model(model)), out / "merged", tokenizer)
             print(f"saved the merged model: {out / 'merged'}")
+        written = {saved.name} | ({"merged"} if args.save_merged else set())
+        for stale in sorted({"adapter", "model", "merged"} - written):
+            if (out / stale).exists():  # left by an earlier run into this folder; not ours to delete
+                print(f"note: {out / stale} is from an earlier run in {out}, not from this one", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
     return after
@@ -612,7 +661,7 @@ def save_output(model, tokenizer, folder, args, names):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, AdapterError, data.DataError, OSError) as e:  # OSError: a file or folder (path and reason)
+    except (LoadError, AdapterError, data.DataError, OSError, FloatingPointError) as e:  # OSError: a path and why
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,9 +164,10 @@ def test_causal_lm_loss_falls(tiny, tmp_path, allocator_settings):
     assert allocator_settings == [(allocator.M_MMAP_THRESHOLD, 1 << 30), (allocator.M_TRIM_THRESHOLD, 1 << 30)]
 
 
-def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
+def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path, capsys):
     """--quant nf4 --save-merged: <out>/merged is a plain fp32 checkpoint computing what the 4-bit base
-    plus the saved adapter computes (the adapter merged into Ŵ, not requantized)."""
+    plus the saved adapter computes (the adapter merged into Ŵ, not requantized). A later run into the
+    same folder without --save-merged points out the merged model it did not write."""
     from lora import load_adapter
 
     folder = tiny.folder("llama", "causal-lm")
@@ -181,6 +183,9 @@ def test_qlora_run_saves_a_merged_full_precision_model(tiny, tmp_path):
         base = load_model(folder, task="causal-lm", quant="nf4")[0](ids, torch.ones_like(ids))
     assert (expected - base).abs().max() > 1e-3, "the adapter changed nothing; the comparison would be vacuous"
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    assert "is from an earlier run" not in capsys.readouterr().err
+    run(folder, pair_dataset(tmp_path / "data"), out, "--max-steps", 1, "--batch-size", 8)
+    assert f"note: {out / 'merged'} is from an earlier run in {out}, not from this one" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
@@ -242,8 +247,23 @@ def test_default_learning_rate_follows_the_run_length(tiny, tmp_path):
         assert json.loads((out / "args.json").read_text())["lr"] == pytest.approx(peak, rel=1e-9)
 
 
+def test_the_log_shows_each_steps_own_learning_rate_and_a_long_warmup_is_noted(tiny, tmp_path, capsys):
+    dataset, folder = keyword_dataset(tmp_path / "data"), tiny.folder("distilbert", "base")
+    run(folder, dataset, tmp_path / "out", "--max-steps", 4, "--warmup", 0, "--lr", 0.01, "--batch-size", 4)
+    lrs = [row["lr"] for row in log_rows(tmp_path / "out")]
+    assert lrs == pytest.approx([0.01, 0.0075, 0.005, 0.0025], rel=1e-12)  # linear decay from the peak, step 1 first
+    assert "note: --warmup" not in capsys.readouterr().err
+    run(folder, dataset, tmp_path / "long", "--max-steps", 2, "--warmup", 5, "--lr", 0.01, "--batch-size", 4)
+    assert ("note: --warmup 5 is 5 steps, as many as the run's 2 or more: the learning rate never reaches 0.01"
+            in capsys.readouterr().err)
+    with pytest.raises(LoadError, match=r"^--resume: the checkpoint is at step 2, and this run ends at step 1; pass a "
+                                        r"larger --max-steps or --epochs to train on$"):
+        run(folder, dataset, tmp_path / "long", "--max-steps", 1, "--warmup", 5, "--lr", 0.01, "--batch-size", 4,
+            "--resume")
+
+
 POSITIVE_FLAGS = ("--rank", "--batch-size", "--grad-accum", "--max-length", "--num-virtual-tokens", "--eval-batch-size",
-                  "--epochs", "--max-steps", "--train-samples", "--eval-samples", "--lr")
+                  "--epochs", "--max-steps", "--train-samples", "--eval-samples", "--lr", "--alpha")
 NON_NEGATIVE_FLAGS = ("--warmup", "--weight-decay", "--max-grad-norm", "--eval-every", "--early-stopping-patience",
                       "--save-every")
 
@@ -252,12 +272,21 @@ NON_NEGATIVE_FLAGS = ("--warmup", "--weight-decay", "--max-grad-norm", "--eval-e
     *[(flag, 0, r"must be positive, got 0(\.0)?") for flag in POSITIVE_FLAGS],
     *[(flag, -1, r"must be 0 or more, got -1(\.0)?") for flag in NON_NEGATIVE_FLAGS],
     ("--dropout", 1, r"must be in \[0, 1\), got 1.0"),
+    *[(flag, value, f"must be a finite number, got {value}") for value in ("nan", "inf")
+      for flag in ("--lr", "--alpha", "--warmup", "--epochs", "--weight-decay", "--max-grad-norm", "--dropout")],
 ])
 def test_out_of_range_flags_are_usage_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exc:
         train.parse_args(["--model", "x", flag, str(value)])
     assert exc.value.code == 2
     assert re.search(f"error: {flag} {message}$", capsys.readouterr().err.strip())
+
+
+def test_default_output_dir_names_the_model_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert train.parse_args(["--model", ".", "--dataset", "x/rt"]).output_dir == str(Path("runs") / "my-model-rt-lora")
 
 
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
@@ -368,6 +397,25 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path, monkeypatch, task):
         assert max((trained[k] - mean[k]).abs().max().item() for k in trained) > 1e-3
 
 
+@pytest.mark.parametrize("n_train,grad_accum,epochs,steps", [(24, 2, 2, 4), (16, 4, 3, 3)])
+def test_epochs_are_passes_over_the_data_with_accumulation(tiny, tmp_path, monkeypatch, n_train, grad_accum, epochs,
+                                                           steps):
+    """A step takes --grad-accum micro-batches but ends with its epoch: N epochs see each row N times."""
+    seen = []
+    original = train.loss_sum
+
+    def recording(model, batch, task):
+        seen.append(len(batch["labels"]))
+        return original(model, batch, task)
+
+    monkeypatch.setattr(train, "loss_sum", recording)
+    dataset = keyword_dataset(tmp_path / "data", n_train=n_train)
+    run(tiny.folder("distilbert", "base"), dataset, tmp_path / "out", "--batch-size", 8, "--grad-accum", grad_accum,
+        "--epochs", epochs)
+    assert sum(seen) == epochs * n_train
+    assert [r["epoch"] for r in log_rows(tmp_path / "out")] == [e for e in range(epochs) for _ in range(steps // epochs)]
+
+
 # ------------------------------------------------------------------ resume
 
 
@@ -394,7 +442,7 @@ def interrupting(monkeypatch, name, on_call, exc=KeyboardInterrupt):
 
 
 def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=KeyboardInterrupt,
-                 expect_step=3):
+                 expect_step=3, raised=None):
     folder = tiny.folder("distilbert", "base")
     dataset = keyword_dataset(tmp_path / "data")
     args = resume_args(extra)
@@ -403,7 +451,7 @@ def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=Keyb
     out = tmp_path / "interrupted"
     with monkeypatch.context() as m:
         interrupting(m, patch, on_call, exc)
-        with pytest.raises(exc):
+        with pytest.raises(raised or exc):
             run(folder, dataset, out, *args)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == expect_step
@@ -426,6 +474,23 @@ def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=Keyb
 def test_resume_after_interrupt_in_a_step(tiny, tmp_path, monkeypatch):
     # loss_sum's 4th call = the forward of step 4: interrupted after step 3
     check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=4)
+
+
+def test_resume_after_sigterm_in_a_step(tiny, tmp_path, monkeypatch):
+    """kill's SIGTERM saves the checkpoint as Ctrl-C does (it used to end the run with nothing saved)."""
+    def sigterm(message):
+        os.kill(os.getpid(), signal.SIGTERM)  # train's handler raises KeyboardInterrupt right here
+        return AssertionError("SIGTERM did not stop the run")
+
+    def unhandled(signum, frame):  # in place of the default action, which would end pytest itself
+        raise AssertionError("train.py left SIGTERM to its default action: the run would end with nothing saved")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=4, exc=sigterm, raised=KeyboardInterrupt)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # train.main put the previous handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_resume_after_interrupt_during_evaluation(tiny, tmp_path, monkeypatch):
@@ -690,6 +755,10 @@ def test_wrong_target_module_fails_at_once_in_one_line(tiny, tmp_path, monkeypat
     with pytest.raises(AdapterError) as exc:
         run(folder, dataset, tmp_path / "out", "--target-modules", "qury")
     assert str(exc.value) == message
+    with pytest.raises(AdapterError) as exc:  # one misspelt name among names that match (was trained without it)
+        run(folder, dataset, tmp_path / "out", "--target-modules", "q_lin,vlin")
+    assert str(exc.value) == ("--target-modules: vlin matches no linear layer of this model; its linear layers are "
+                              "named: classifier, k_lin, lin1, lin2, out_lin, pre_classifier, q_lin, v_lin")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--dataset", str(dataset),
                            "--output-dir", str(tmp_path / "cli"), "--max-length", "32", "--target-modules", "qury"],
@@ -746,6 +815,31 @@ def test_label_out_of_range(tiny, tmp_path, split):
                r"without a label, as in GLUE's test splits: use a labelled split$")
     with pytest.raises(data.DataError, match=message):
         bad_run(tiny, tmp_path, splits)
+
+
+def test_label_set_comes_from_the_whole_splits(tiny, tmp_path):
+    """A subset that misses a rare class keeps its head output (before, the head shrank and ids shifted)."""
+    rows = [{"text": f"review {i}", "label": "neutral" if i == 0 else ("pos" if i % 2 else "neg")} for i in range(8)]
+    assert "neutral" not in {r["label"] for r in data.subsample(rows, 3, 0)}  # the run's train subset (seed 0)
+    bad_run(tiny, tmp_path, {"train": rows, "validation": rows[1:]}, "--train-samples", 3)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["labels"] == ["neg", "neutral", "pos"]
+
+
+@pytest.mark.parametrize("labels,message", [
+    ([0] * 8, r"^the dataset has one label \(0\); a classifier needs two or more$"),
+    ([[0]] + [1] * 7, r"^split 'train' row 0: label \[0\] is not one class \(a string or a number\)$"),
+])
+def test_one_label_or_a_list_label_is_an_error(tiny, tmp_path, labels, message):
+    rows = [{"text": f"review {i}", "label": y} for i, y in enumerate(labels)]
+    with pytest.raises(data.DataError, match=message):
+        bad_run(tiny, tmp_path, {"train": rows, "validation": rows}, "--task", "seq-cls")
+
+
+def test_generate_label_needs_room_for_the_text(tiny, tmp_path):
+    with pytest.raises(data.DataError, match=r"^generate-label keeps 8 of --max-length's tokens for the label word; "
+                                             r"--max-length 8 leaves none for the text$"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label", "--max-length", 8,
+                family=("gpt2", "causal-lm"))
 
 
 def test_labels_that_are_not_all_ints_are_names():
@@ -987,9 +1081,20 @@ def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_pat
         data.load_splits(tmp_path / "c")
     folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
     run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4)
-    (out / "checkpoint" / "state.json").write_text('{"step": 1, ')
-    with pytest.raises(LoadError, match=r"checkpoint/state\.json: not valid JSON"):
-        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
+    good = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    start_over = r".*\); start over in another --output-dir, or after deleting .*out$"
+    damages = [("state.json", b'{"step": 1, ', r"checkpoint/state\.json: not valid JSON \(.*\)$"),
+               ("state.json", b'{"step": 1}', r"checkpoint/state\.json is damaged \(KeyError: .*before" + start_over),
+               ("trainable.safetensors", good["trainable.safetensors"][:100],
+                r"checkpoint/trainable\.safetensors is damaged \(SafetensorError" + start_over),
+               ("optimizer.pt", good["optimizer.pt"][:100],
+                r"checkpoint/optimizer\.pt is damaged \(RuntimeError" + start_over)]
+    for name, content, message in damages:  # each one line (were tracebacks), naming the file
+        for good_name, good_content in good.items():
+            (out / "checkpoint" / good_name).write_bytes(good_content)
+        (out / "checkpoint" / name).write_bytes(content)
+        with pytest.raises(LoadError, match=message):
+            run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
 
 
 def test_rouge_prompts_are_cut_to_max_length_and_must_leave_room(tiny, tmp_path):
