@@ -125,6 +125,8 @@ def parse_args(argv=None):
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.method == "prompt" and args.prompt_init == "text" and not args.prompt_init_text.strip():
         p.error("--prompt-init text needs a --prompt-init-text (or use --prompt-init random or sample_vocab)")
+    if args.prompt_init != "text" and args.prompt_init_text != p.get_default("prompt_init_text"):
+        p.error(f"--prompt-init-text applies to --prompt-init text only, not to --prompt-init {args.prompt_init}")
     if args.early_stopping_patience and not args.eval_every:
         p.error("--early-stopping-patience counts evaluations during training; it needs --eval-every")
     if args.method == "none" and args.quant != "none":
@@ -435,6 +437,8 @@ def main(argv=None):
     rank, world = init_distributed()
     is_main = rank == 0
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LoadError(f"--output-dir {out} is a file; name a folder")
     if args.resume:
         check_resume(args, out)
     else:

@@ -289,6 +289,16 @@ def test_default_output_dir_names_the_model_folder(tmp_path, monkeypatch):
     assert train.parse_args(["--model", ".", "--dataset", "x/rt"]).output_dir == str(Path("runs") / "my-model-rt-lora")
 
 
+def test_prompt_init_text_needs_text_init_and_output_dir_must_be_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "x", "--method", "prompt", "--prompt-init", "random", "--prompt-init-text", "x"])
+    assert capsys.readouterr().err.strip().endswith(
+        "error: --prompt-init-text applies to --prompt-init text only, not to --prompt-init random")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(LoadError, match=r"^--output-dir .*afile is a file; name a folder$"):
+        train.main(["--model", "x", "--output-dir", str(tmp_path / "afile")])
+
+
 def test_save_merged_needs_lora(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "x", "--method", "prompt", "--save-merged"])
