@@ -9,6 +9,8 @@ Each entry of --adapters is `base` (the model alone) or an adapter folder (LoRA 
 peft's format); --merge folds LoRA adapters into the weights first. Classification: accuracy and F1;
 prompt/answer pairs: perplexity of the answers (and ROUGE with --rouge); plain text: perplexity
 over sliding windows of --window tokens advancing by --stride. Results: a Markdown table and JSON.
+--predict (probabilities per label) and --generate (continuations) evaluate one entry of --adapters on
+the texts given instead; --json writes their results too.
 """
 import argparse
 import json
@@ -25,6 +27,11 @@ from models import LoadError, Tokenizer, generate, load_model
 from models.loading import DECODERS, check_positions, open_safetensors, read_config, read_json, resolve
 from quant.allocator import keep_freed_memory
 
+# flags only an evaluation on --dataset reads
+DATASET_FLAGS = ("dataset", "dataset_config", "split", "task", "samples", "label_words", "rouge", "window", "stride")
+# what each of the other modes would ignore: --predict scores its texts in one pass (no generation), --generate
+# continues its prompts whole and all at once (no truncation, one batch)
+IGNORED_BY = {"predict": DATASET_FLAGS + ("max_new_tokens",), "generate": DATASET_FLAGS + ("max_length", "batch_size")}
 
 
 def parse_args(argv=None):
@@ -54,13 +61,24 @@ def parse_args(argv=None):
     p.add_argument("--generate", nargs="+", default=None, metavar="PROMPT", help="print greedy continuations of these prompts")
     p.add_argument("--num-labels", type=int, default=None, help="--predict: number of labels of the classifier "
                    "(default: the adapter's head, else the checkpoint's config, else 2)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write the results (the table's, or --predict's "
+                   "probabilities, or --generate's texts) to this JSON file")
     args = p.parse_args(argv)
     for name in ("samples", "max_length", "batch_size", "max_new_tokens", "window", "num_labels"):  # None: left out
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not (args.dataset or args.predict or args.generate):
         p.error("pass --dataset, --predict or --generate")
+    if args.predict and args.generate:
+        p.error("--predict and --generate are two modes; pass one of them")
+    mode = "predict" if args.predict else "generate" if args.generate else None
+    if mode:  # a flag this mode does not read would be ignored without a word
+        changed = [f"--{n.replace('_', '-')}" for n in IGNORED_BY[mode] if getattr(args, n) != p.get_default(n)]
+        if changed:
+            p.error(f"{', '.join(changed)} {'does' if len(changed) == 1 else 'do'} not apply to --{mode}")
+        if len(args.adapters) > 1:
+            p.error(f"--{mode} runs one model: give --adapters one entry (base or an adapter folder), not "
+                    f"{len(args.adapters)}")
     if args.predict_pairs and len(args.predict_pairs) != len(args.predict or []):
         p.error(f"--predict-pairs gives {len(args.predict_pairs)} second texts for {len(args.predict or [])} "
                 "--predict texts; give one for each")
@@ -69,7 +87,19 @@ def parse_args(argv=None):
         p.error(f"--stride must be between 1 and the window ({window}) - 1, got {args.stride}")
     if args.num_labels is not None and not args.predict:
         p.error("--num-labels sizes the classifier of --predict; a dataset's labels size it otherwise")
+    if args.json:  # now, not after an evaluation that may take minutes
+        path = Path(args.json)
+        if path.is_dir():
+            p.error(f"--json {path} is a folder; give the path of a file to write")
+        if not path.parent.is_dir():
+            p.error(f"--json {path}: {path.parent} is not an existing folder")
     return args
+
+
+def write_json(path, results):
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
 
 
 def load_variant(args, folder, model_task, num_labels, entry):
@@ -95,6 +125,31 @@ def load_variant(args, folder, model_task, num_labels, entry):
     if args.merge and not hasattr(model, "prompt_embeddings"):
         model = merge_and_unload(model)
     return model.eval(), tokenizer
+
+
+def adapter_task_type(entry):
+    """The task_type of an adapter's config (SEQ_CLS, CAUSAL_LM; None for base or when it gives none)."""
+    return None if entry == "base" else read_json(Path(entry) / CONFIG_FILE, AdapterError).get("task_type")
+
+
+def check_can_generate(entries, task=None):
+    """A sequence-classification adapter cannot go into a causal LM; said up front, as load_adapter would only
+    name its head's tensor as having no place in the model."""
+    for entry in entries:
+        if adapter_task_type(entry) == "SEQ_CLS":
+            raise AdapterError(f"{entry} is a sequence-classification adapter (task_type SEQ_CLS in its {CONFIG_FILE}) "
+                               "and cannot generate" + (f"; task {task} needs a causal-LM adapter" if task else ""))
+
+
+def infer_task(rows, is_decoder, entries):
+    """data.infer_task, except that labelled text evaluated with causal-LM adapters (task_type CAUSAL_LM, what
+    train.py writes for generate-label) is generate-label: as seq-cls their classification head would be random."""
+    task = data.infer_task(rows, is_decoder)
+    if task == "seq-cls" and is_decoder and {adapter_task_type(e) for e in entries if e != "base"} == {"CAUSAL_LM"}:
+        print("note: task generate-label, as the adapters are causal-LM ones (task_type CAUSAL_LM); pass --task "
+              "to choose another", file=sys.stderr)
+        return "generate-label"
+    return task
 
 
 def head_labels(entry):
@@ -178,14 +233,25 @@ def main(argv=None):
     is_decoder = cfg["model_type"] in DECODERS
     results = {}
     if args.generate:
-        model, tok = load_variant(args, folder, "causal-lm", 2, args.adapters[0])
+        if not is_decoder:
+            raise LoadError(f"--generate needs a decoder; {args.model} is a {cfg['model_type']} encoder")
+        check_can_generate(args.adapters)
+        tok = Tokenizer.from_folder(folder, cfg)
         tok.padding_side = "left"
         batch = tok(args.generate)
+        for prompt, n in zip(args.generate, batch["attention_mask"].sum(1).tolist()):
+            if n == 0:  # no token, not even a BOS, to predict the first new one from
+                raise data.DataError(f"--generate prompt {prompt!r} has no tokens: an empty prompt has nothing to "
+                                     "continue")
+        model = load_variant(args, folder, "causal-lm", 2, args.adapters[0])[0]
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:]):
-            print(f"{prompt!r} -> {tok.decode(row)!r}")
-        return {}
+        results = [{"prompt": prompt, "generated": tok.decode(row)}
+                   for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:])]
+        for r in results:
+            print(f"{r['prompt']!r} -> {r['generated']!r}")
+        write_json(args.json, results)
+        return results
     if args.predict:
         check_lengths(args, cfg, args.adapters[:1], plain_text=False)
         id2label = cfg.get("id2label")
@@ -195,15 +261,23 @@ def main(argv=None):
         examples = data.encode_texts(tok, args.predict, args.predict_pairs, args.max_length)
         probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
         labels = saved_labels(folder, args.adapters[:1])
-        for i, (text, row) in enumerate(zip(args.predict, probs.tolist())):
-            print(json.dumps({"text": text} | ({"pair": args.predict_pairs[i]} if args.predict_pairs else {})
-                             | {"probabilities": [round(p, 4) for p in row]} | ({"labels": labels} if labels else {})))
-        return {}
+        results = [{"text": text} | ({"pair": args.predict_pairs[i]} if args.predict_pairs else {})
+                   | {"probabilities": row} | ({"labels": labels} if labels else {})
+                   for i, (text, row) in enumerate(zip(args.predict, probs.tolist()))]
+        for r in results:  # the file keeps every digit, as the table's JSON does
+            print(json.dumps(r | {"probabilities": [round(p, 4) for p in r["probabilities"]]}))
+        write_json(args.json, results)
+        return results
 
     splits = data.load_splits(args.dataset, args.dataset_config)
     split = data.pick_split(splits, args.split, ("test", "validation", "train"))
     rows = splits[split][:args.samples]
-    task = args.task or data.infer_task(rows, is_decoder)
+    task = args.task or infer_task(rows, is_decoder, args.adapters)
+    if task != "seq-cls":
+        if not is_decoder:
+            raise LoadError(f"task {task} needs a decoder; {args.model} is a {cfg['model_type']} encoder"
+                            + (" (use --task seq-cls)" if task == "generate-label" else ""))
+        check_can_generate(args.adapters, task)
     data.check_rows(rows, task, split)
     if args.rouge:
         data.check_rouge(task, rows, split)
@@ -239,9 +313,7 @@ def main(argv=None):
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{r[k]:.4f}" for r in results.values()) + " |")
     print(json.dumps(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -33,9 +33,10 @@ pytestmark = pytest.mark.usefixtures("quiet_warnings")
 MAX_LENGTH = 32
 
 
-def random_adapter(folder, out, seed):
-    """A seq-cls LoRA adapter (and head) with every saved weight random, written in peft's format."""
-    model = load_model(folder, task="seq-cls", num_labels=NUM_LABELS)[0]
+def random_adapter(folder, out, seed, task="seq-cls"):
+    """A LoRA adapter (and for seq-cls its head) with every saved weight random, written in peft's format;
+    task causal-lm gives task_type CAUSAL_LM, what train.py writes for generate-label."""
+    model = load_model(folder, task=task, num_labels=NUM_LABELS)[0]
     apply_lora(model, LoraConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -469,3 +470,120 @@ def test_labels_saved_by_train_map_a_split_of_named_labels(tiny, tmp_path, capsy
     unknown = write_jsonl(tmp_path / "unknown", "test", [{"text": "so so", "label": "meh"}])
     with pytest.raises(DataError, match=r"label 'meh' is out of range \(expected one of \['neg', 'pos'\]\)"):
         run_eval("--model", folder, "--dataset", unknown, "--max-length", MAX_LENGTH, "--adapters", out / "adapter")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # "" is no token for GPT-2's tokenizer, one (<s>) for Llama's
+def test_an_empty_prompt_has_nothing_to_continue(tiny, family, monkeypatch, capsys):
+    """A prompt of no tokens used to fail inside generate with an IndexError; now one line before the model loads.
+    A tokenizer that prepends a BOS token gives "" a token, and generation continues from it."""
+    folder = tiny.folder(family, "causal-lm")
+    if family == "llama":
+        assert run_eval("--model", folder, "--generate", "", "--max-new-tokens", 3)[0]["prompt"] == ""
+        return
+    with monkeypatch.context() as m:
+        m.setattr(eval_cli, "load_variant", lambda *a: pytest.fail("the model was loaded first"))
+        with pytest.raises(DataError, match=r"^--generate prompt '' has no tokens: an empty prompt has nothing to "
+                                            r"continue$"):
+            run_eval("--model", folder, "--generate", "a film", "", "--max-new-tokens", 3)
+
+
+def test_predict_and_generate_write_json(setup, tiny, tmp_path, capsys):
+    """--json used to be written by the table mode only: --predict writes each text's probabilities (every digit;
+    the printed lines round them), --generate each prompt with its continuation."""
+    folder, _, _, adapters = setup
+    texts = ["a wonderful film", "terrible plot and it was okay"]
+    results = run_eval("--model", folder, "--adapters", adapters[0], "--max-length", MAX_LENGTH, "--predict", *texts,
+                       "--json", tmp_path / "predict.json")
+    assert json.loads((tmp_path / "predict.json").read_text()) == results
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in results] == texts and len(results[0]["probabilities"]) == NUM_LABELS
+    for r, p in zip(results, printed):
+        assert p["probabilities"] == [round(x, 4) for x in r["probabilities"]]
+        torch.testing.assert_close(torch.tensor(r["probabilities"]), torch.tensor(p["probabilities"]), rtol=0,
+                                   atol=5e-5)
+    prompts = ["the movie was", "a terrible"]
+    results = run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--generate", *prompts, "--max-new-tokens", 4,
+                       "--json", tmp_path / "generate.json")
+    assert json.loads((tmp_path / "generate.json").read_text()) == results
+    assert [r["prompt"] for r in results] == prompts
+    assert capsys.readouterr().out.splitlines() == [f"{r['prompt']!r} -> {r['generated']!r}" for r in results]
+
+
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_a_json_path_that_cannot_be_written_fails_first(setup, tmp_path, monkeypatch, capsys, where):
+    """--json in a folder that does not exist, or naming a folder, used to fail with an errno message after the
+    whole evaluation."""
+    folder, _, dataset, _ = setup
+    path = tmp_path / "nowhere" / "x.json" if where == "missing folder" else tmp_path
+    monkeypatch.setattr(eval_cli, "resolve", lambda *a: pytest.fail("the model was looked up first"))
+    with pytest.raises(SystemExit):
+        run_eval("--model", folder, "--dataset", dataset, "--json", path)
+    expected = (f"error: --json {path}: {path.parent} is not an existing folder" if where == "missing folder" else
+                f"error: --json {path} is a folder; give the path of a file to write")
+    assert capsys.readouterr().err.strip().endswith(expected)
+
+
+def test_an_encoder_cannot_generate(tiny, tmp_path):
+    """The message used to be the loader's "task 'causal-lm' is not available for BERT; use 'base' or 'seq-cls'",
+    naming tasks the CLI does not have; it now says what train.py says."""
+    folder = tiny.folder("bert", "base")
+    with pytest.raises(LoadError, match=r"^--generate needs a decoder; .*bert-base is a bert encoder$"):
+        run_eval("--model", folder, "--generate", "hello")
+    dataset = write_jsonl(tmp_path / "data", "test", keyword_rows(4))
+    with pytest.raises(LoadError, match=r"^task generate-label needs a decoder; .*bert-base is a bert encoder "
+                                        r"\(use --task seq-cls\)$"):
+        run_eval("--model", folder, "--dataset", dataset, "--task", "generate-label", "--max-length", MAX_LENGTH)
+
+
+def test_a_sequence_classification_adapter_cannot_generate(tiny, tmp_path):
+    """It used to fail on its head: "tensor score.weight has no place in this model (wrong base model or
+    targets?)"."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    model = load_model(folder, task="seq-cls", num_labels=2)[0]
+    save_adapter(apply_lora(model, LoraConfig(r=4)), tmp_path / "cls")
+    message = rf"^{re.escape(str(tmp_path / 'cls'))} is a sequence-classification adapter \(task_type SEQ_CLS in " \
+              r"its adapter_config.json\) and cannot generate"
+    with pytest.raises(AdapterError, match=message + "$"):
+        run_eval("--model", folder, "--adapters", tmp_path / "cls", "--generate", "hello", "--max-new-tokens", 3)
+    dataset = write_jsonl(tmp_path / "data", "test", keyword_rows(4))
+    with pytest.raises(AdapterError, match=message + "; task generate-label needs a causal-LM adapter$"):
+        run_eval("--model", folder, "--dataset", dataset, "--task", "generate-label", "--max-length", 64,
+                 "--adapters", "base", tmp_path / "cls")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--predict", "x", "--dataset", "d"], "--dataset does not apply to --predict"),
+    (["--generate", "x", "--rouge", "--window", "8", "--split", "s", "--task", "causal-lm", "--label-words", "a,b"],
+     "--split, --task, --label-words, --rouge, --window do not apply to --generate"),
+    (["--predict", "x", "--max-new-tokens", "5"], "--max-new-tokens does not apply to --predict"),
+    (["--generate", "x", "--max-length", "16", "--batch-size", "4"],
+     "--max-length, --batch-size do not apply to --generate"),
+    (["--predict", "x", "--adapters", "base", "a"],
+     "--predict runs one model: give --adapters one entry (base or an adapter folder), not 2"),
+    (["--predict", "x", "--generate", "y"], "--predict and --generate are two modes; pass one of them")])
+def test_flags_predict_and_generate_would_ignore_are_errors(argv, message, capsys):
+    """They used to be ignored without a word (--predict with --generate: --predict)."""
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.parse_args(["--model", "m", *argv])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+def test_flags_left_at_their_defaults_are_not_errors():
+    args = eval_cli.parse_args(["--model", "m", "--generate", "x", "--adapters", "base", "--label-words",
+                                data.DEFAULT_LABEL_WORDS, "--max-length", "128", "--merge"])
+    assert args.generate == ["x"]
+
+
+def test_causal_lm_adapters_make_labelled_text_generate_label(tiny, tmp_path, capsys):
+    """Without --task, labelled text was seq-cls whatever the adapter: a generate-label adapter (task_type
+    CAUSAL_LM) then scored through a random classification head. Its task_type now makes the task generate-label."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    adapter = random_adapter(folder, tmp_path / "clm", 0, task="causal-lm")
+    dataset = write_jsonl(tmp_path / "data", "test", keyword_rows(8))
+    common = ("--model", folder, "--dataset", dataset, "--max-length", 64, "--adapters", "base", adapter)
+    inferred = run_eval(*common)
+    assert "note: task generate-label, as the adapters are causal-LM ones (task_type CAUSAL_LM); pass --task to " \
+           "choose another" in capsys.readouterr().err
+    assert inferred == run_eval(*common, "--task", "generate-label")
+    assert "loss" in run_eval("--model", folder, "--dataset", dataset, "--max-length", 64)["base"]  # seq-cls
