@@ -240,12 +240,17 @@ def check_rouge(task, rows, split):
 def label_names(rows_by_split):
     """Sorted distinct labels over all splits; int labels name the ids 0..max (as a Hub ClassLabel does)."""
     labels = {row["label"] for rows in rows_by_split for row in rows} - {-1}  # -1: GLUE's unlabelled test rows
-    if len(labels) < 2:
-        raise DataError(f"the dataset has {'one label' if labels else 'no labels'} ({', '.join(map(repr, labels))}); "
-                        "a classifier needs two or more")
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+    if labels and all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
         return list(range(max(labels) + 1))
     return sorted(map(str, labels))
+
+
+def check_classes(rows, split):
+    """Training a classifier needs two classes or more among the labels."""
+    labels = {row["label"] for row in rows} - {-1}
+    if len(labels) < 2:
+        raise DataError(f"split {split!r} has {'one label' if labels else 'no labels'} "
+                        f"({', '.join(map(repr, labels))}); training a classifier needs two or more")
 
 
 def label_ids(rows, names, split):

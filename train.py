@@ -175,6 +175,8 @@ def prepare_data(args, tokenizer, task, splits):
                              "pass --eval-split")
     for name in dict.fromkeys((train_name, eval_name, test_name)):
         data.check_rows(splits[name], task, name)
+    if task != "causal-lm":
+        data.check_classes(splits[train_name], train_name)
     if args.rouge:  # scored on the test split only
         data.check_rouge(task, splits[test_name], test_name)
     for flag, n, name in dict.fromkeys([("--train-samples", args.train_samples, train_name),  # eval and test
