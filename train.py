@@ -105,6 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--early-stopping-patience", type=int, default=0, help="stop after N evaluations without improvement (0 = never)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps for --resume (default: at each evaluation)")
     g.add_argument("--rouge", action="store_true", help="causal-lm pairs: also ROUGE of greedy generations")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="--rouge: tokens generated per answer")
     g.add_argument("--output-dir", default=None, help="where the adapter, logs and checkpoints go (default: runs/<model>-<dataset>-<method>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     g.add_argument("--save-merged", action="store_true",
@@ -114,7 +115,7 @@ def parse_args(argv=None):
     for name, value in vars(args).items():  # nan or inf: argparse's float() takes "nan" and "inf"
         if isinstance(value, float) and not math.isfinite(value):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("alpha", "rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
+    for name in ("alpha", "max_new_tokens", "rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
                  "max_steps", "train_samples", "eval_samples", "lr"):  # the last four may be left out (None)
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -132,6 +133,8 @@ def parse_args(argv=None):
     if args.method == "none" and args.quant != "none":
         p.error(f"--method none trains every weight, which a quantized base cannot do; use --method lora with "
                 f"--quant {args.quant} (QLoRA), or --quant none")
+    if args.max_new_tokens != p.get_default("max_new_tokens") and not args.rouge:
+        p.error("--max-new-tokens is the length of the answers --rouge generates; it needs --rouge")
     if args.save_merged and args.method != "lora":
         p.error(f"--save-merged merges a LoRA adapter; it does not apply to --method {args.method}")
     for method, names in METHOD_FLAGS.items():  # another method's flag would be ignored without a word
@@ -472,7 +475,8 @@ def main(argv=None):
 
     def run_eval(examples, desc, rouge=False):
         start = time.time()
-        result = evaluate(model, examples, task, tokenizer, args.eval_batch_size, words, rouge=rouge, desc=desc)
+        result = evaluate(model, examples, task, tokenizer, args.eval_batch_size, words, rouge=rouge,
+                          max_new_tokens=args.max_new_tokens, desc=desc)
         eval_seconds[0] += time.time() - start
         return result
 

@@ -1114,6 +1114,11 @@ def test_rouge_prompts_are_cut_to_max_length_and_must_leave_room(tiny, tmp_path)
     with pytest.raises(LoadError, match=r"^8 prompt tokens \+ 64 new tokens exceed the model's maximum of 64 positions$"):
         bad_run(tiny, tmp_path, {"train": pair_rows(4), "validation": pair_rows(4)}, "--rouge", "--max-length", 8,
                 family=("gpt2", "causal-lm"))
+    after = bad_run(tiny, tmp_path, {"train": pair_rows(4), "validation": pair_rows(4)}, "--rouge", "--max-length", 8,
+                    "--max-new-tokens", 16, family=("gpt2", "causal-lm"))
+    assert {"rouge1", "rouge2", "rougeL"} <= set(after)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "x", "--max-new-tokens", "16"])
 
 
 def test_rouge_without_prompt_answer_pairs_is_one_error(tiny, tmp_path, monkeypatch):
