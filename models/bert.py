@@ -126,6 +126,8 @@ BASE_PREFIX = "bert"  # where transformers' task classes keep the BertModel
 
 
 def build(cfg, task, num_labels):
+    if cfg.get("is_decoder") or cfg.get("add_cross_attention"):  # a causal mask or cross-attention: other math
+        raise ValueError("BERT as a decoder (is_decoder / add_cross_attention in config.json) is not supported")
     if task == "base":
         return BertModel(cfg)
     if task == "seq-cls":

@@ -82,18 +82,19 @@ def decoder_positions_and_mask(attention_mask, T, past):
     return position_ids, mask[:, None]
 
 
-def sdpa(q, k, v, mask, causal, dropout_p=0.0):
-    """Scaled dot-product attention: softmax(q kᵀ / sqrt(hs) + mask) v, with grouped KV heads allowed.
+def sdpa(q, k, v, mask, causal, dropout_p=0.0, scale=None):
+    """Scaled dot-product attention: softmax(q kᵀ · scale + mask) v, scale 1 / sqrt(hs) unless given,
+    with grouped KV heads allowed.
 
     With dropout on the attention probabilities (training) the probabilities must exist, so that
     case is written out (fused.attention_with_dropout); SDPA's own would take the same path with
     torch's slower dropout mask.
     """
     if dropout_p > 0.0:
-        return attention_with_dropout(q, k, v, mask, causal and mask is None, dropout_p)
+        return attention_with_dropout(q, k, v, mask, causal and mask is None, dropout_p, scale)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=q.shape[1] != k.shape[1], scale=scale,
     )
 
 

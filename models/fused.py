@@ -269,14 +269,15 @@ def dropout(x, p, training=True):
     return _Dropout.apply(x, p)
 
 
-def attention_with_dropout(q, k, v, mask, causal, p):
-    """dropout(softmax(q kᵀ / sqrt(hs) + mask)) v for q (B, nh, Tq, hs), k, v (B, n_kv, Tk, hs).
+def attention_with_dropout(q, k, v, mask, causal, p, scale=None):
+    """dropout(softmax(q kᵀ · scale + mask)) v for q (B, nh, Tq, hs), k, v (B, n_kv, Tk, hs); scale 1 / sqrt(hs)
+    unless given.
 
     mask: boolean, broadcast against (B, nh, Tq, Tk), True = may attend; causal: lower-triangular.
     """
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves n_head / n_kv heads
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
+    scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)  # (B, nh, Tq, Tk)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_(scores.shape[-1] - scores.shape[-2])
     if mask is not None:  # added as 0 / -inf: masked_fill_ on the full scores reads a broadcast bool mask 10 x slower

@@ -33,6 +33,11 @@ class Block(nn.Module):
         super().__init__()
         C = cfg["n_embd"]
         self.n_head, self.layer_idx = cfg["n_head"], layer_idx
+        # two config flags change the attention's scale, as in transformers (None: sdpa's 1 / sqrt(hs))
+        scale = (C // self.n_head) ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
+        if cfg.get("scale_attn_by_inverse_layer_idx", False):
+            scale /= layer_idx + 1
+        self.scale = None if scale == (C // self.n_head) ** -0.5 else scale
         self.attn_dropout = cfg.get("attn_pdrop", 0.0)
         eps = cfg.get("layer_norm_epsilon", 1e-5)
         self.ln_1 = nn.LayerNorm(C, eps=eps)
@@ -49,7 +54,7 @@ class Block(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-        y = sdpa(q, k, v, mask, k.shape[2] == T, self.attn_dropout if self.training else 0.0)
+        y = sdpa(q, k, v, mask, k.shape[2] == T, self.attn_dropout if self.training else 0.0, self.scale)
         x = x + self.dropout(self.attn.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.dropout(self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x)))))
 

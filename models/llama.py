@@ -82,10 +82,11 @@ class DecoderLayer(nn.Module):
 
 
 def rope_theta(cfg):
+    for rope in (cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}):  # transformers 5's, and older
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"rope scaling {kind!r} is not supported (only the default RoPE)")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported (only the default RoPE)")
     return float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
 
 
@@ -95,6 +96,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         qwen2 = cfg["model_type"] == "qwen2"
+        sliding = cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or [])
+        if sliding:  # each position would attend to the last `sliding_window` ones only
+            raise ValueError("sliding-window attention (use_sliding_window / layer_types in config.json) is not supported")
         self.max_positions = cfg.get("max_position_embeddings", 2048)
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, qwen2) for i in range(cfg["num_hidden_layers"]))

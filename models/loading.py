@@ -134,7 +134,11 @@ def weight_files(folder):
 
 
 def checkpoint_name_to_ours(key, ours, prefix):
-    """Map a checkpoint key onto our parameter names: with or without the base model's prefix."""
+    """Map a checkpoint key onto our parameter names: with or without the base model's prefix, and
+    LayerNorm's old gamma / beta names (early BERT conversions) read as weight / bias, as transformers does."""
+    for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+        if key.endswith(old) and key[:-len(old)].endswith("LayerNorm"):
+            key = key[:-len(old)] + new
     if key in ours:
         return key
     if f"{prefix}.{key}" in ours:
@@ -178,11 +182,13 @@ def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatche
     if targets:
         from quant.linear import FORMATS
     pending, quantized, resized = {}, set(), set()  # layer -> tensors read so far; quantized; left for a new head
-    state = {}
+    state, stored_head = {}, None
     for file in weight_files(folder):
         with open_safetensors(file) as f:
             for key in f.keys():
                 name = checkpoint_name_to_ours(key, ours, prefix)
+                if tied and key == "lm_head.weight":
+                    stored_head = f.get_tensor(key).to(dtype)  # compared with the embedding below
                 if name is None:
                     continue  # another task's head (e.g. an LM head when classifying) or an old buffer
                 shape = tuple(f.get_slice(key).get_shape())
@@ -225,6 +231,12 @@ def load_weights(model, folder, dtype, prefix, std, quant=None, ignore_mismatche
                 model.resized_heads.append(head)
     if tied:
         model.lm_head.weight = model.get_submodule(prefix).get_input_embeddings().weight
+        # transformers then keeps the stored head (untied, with a warning); silently tying it would
+        # compute another model
+        if stored_head is not None and not torch.equal(stored_head, model.lm_head.weight):
+            raise LoadError(f"{folder}: config.json ties lm_head to the input embedding (tie_word_embeddings), but "
+                            "the checkpoint stores a different lm_head.weight; set tie_word_embeddings to false in "
+                            "config.json to use the stored head")
 
 
 def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32, cache_dir=None, quant=None,

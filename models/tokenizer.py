@@ -30,7 +30,7 @@ class Tokenizer:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.model_max_length = model_max_length
-        self.padding_side = "right"
+        self.padding_side = self.truncation_side = "right"  # from_folder reads tokenizer_config.json's
         self.folder = folder
         self.model_input_names = ["input_ids", "attention_mask"]  # from_folder adds token types for BERT
         for name in ("pad", "eos", "bos", "unk", "cls", "sep"):
@@ -61,6 +61,9 @@ class Tokenizer:
         if not isinstance(max_length, int) or max_length > 10**8:
             max_length = max_positions(cfg)
         tokenizer = cls(tok, special, max_length, folder)
+        for side in ("padding_side", "truncation_side"):
+            if config.get(side) in ("left", "right"):
+                setattr(tokenizer, side, config[side])
         if cfg.get("type_vocab_size", 0) > 1:  # the model embeds token types (BERT): a pair's second text is type 1
             tokenizer.model_input_names.insert(1, "token_type_ids")
         return tokenizer
@@ -83,7 +86,7 @@ class Tokenizer:
         if text_pairs is not None:
             texts = list(zip(texts, [text_pairs] if isinstance(text_pairs, str) else text_pairs, strict=True))
         if truncation:
-            self.tokenizer.enable_truncation(max_length or self.model_max_length)
+            self.tokenizer.enable_truncation(max_length or self.model_max_length, direction=self.truncation_side)
         if padding:
             if self.pad_token_id is None:
                 raise ValueError("this tokenizer has no pad token; pass padding=False or encode one text at a time")

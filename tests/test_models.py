@@ -519,6 +519,82 @@ def test_alias_through_hf_cache(tiny, tmp_path, monkeypatch, alias, family, repo
 # -------------------------------------------------------------- loading errors
 
 
+@pytest.mark.parametrize("family,task,config", [
+    ("gpt2", "causal-lm", {"scale_attn_by_inverse_layer_idx": True}),  # scale / (layer + 1)
+    ("gpt2", "causal-lm", {"scale_attn_weights": False}),  # no 1 / sqrt(hs)
+    ("gpt2", "causal-lm", {"scale_attn_weights": False, "scale_attn_by_inverse_layer_idx": True}),
+], ids=["gpt2-by-layer", "gpt2-unscaled", "gpt2-both"])
+def test_config_flags_that_change_the_math(tmp_path, family, task, config):
+    """Config keys we used to ignore, which change transformers' logits (by 0.7 and 4.1 for these two)."""
+    hf = write_checkpoint(tmp_path / "ck", family, task, seed=5, **config)
+    ids = random_ids(family, 2, 9)
+    ours = load_model(tmp_path / "ck", task=task)[0]
+    torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, family, task, ids), atol=ATOL, rtol=0)
+    ours.train()  # training's attention (dropout on the probabilities: its own path) takes the scale too
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for block in ours.transformer.h:
+        block.attn_dropout = 1e-9  # rounds to keeping everything: plain attention, by the other path
+    torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, family, task, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family,task,config,message", [
+    ("qwen2", "causal-lm", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0},
+     "sliding-window attention"),
+    ("bert", "base", {"is_decoder": True}, "BERT as a decoder"),
+    ("llama", "causal-lm", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                            "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+], ids=["qwen2-sliding-window", "bert-decoder", "llama-rope-scaling-beside-default-parameters"])
+def test_configs_we_cannot_compute_are_errors(tmp_path, family, task, config, message):
+    """Each changed transformers' logits by 1-5 while ours stayed those of the plain architecture."""
+    write_checkpoint(tmp_path / "ck", family, task)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, **config}))
+    with pytest.raises(LoadError, match=f"^.*ck: {re.escape(message)}.* not supported"):
+        load_model(tmp_path / "ck", task=task)
+
+
+def test_tied_checkpoint_that_stores_another_head(tiny, tmp_path):
+    folder = tiny.copy("llama-tied", "causal-lm", tmp_path / "ck")
+    state = load_file(folder / "model.safetensors")
+    embedding = state["model.embed_tokens.weight"]
+    save_file({**state, "lm_head.weight": embedding.clone()}, folder / "model.safetensors")
+    load_model(folder, task="causal-lm")  # the same head stored twice is fine
+    save_file({**state, "lm_head.weight": embedding * 2}, folder / "model.safetensors")
+    with pytest.raises(LoadError, match=r"ties lm_head to the input embedding \(tie_word_embeddings\), but the "
+                                        r"checkpoint stores a different lm_head\.weight"):
+        load_model(folder, task="causal-lm")
+
+
+def test_layer_norm_gamma_and_beta_names(tiny, tmp_path):
+    """Early BERT conversions name LayerNorm's weight and bias gamma and beta; transformers reads them."""
+    folder = tiny.copy("bert", "base", tmp_path / "ck")
+    state = load_file(folder / "model.safetensors")
+    renamed = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+               for k, v in state.items()}
+    assert sum(k.endswith(".gamma") for k in renamed) > 2
+    save_file(renamed, folder / "model.safetensors")
+    ids = random_ids("bert", 2, 9)
+    torch.testing.assert_close(run_ours(load_model(folder, task="base")[0], ids),
+                               run_ours(load_model(tiny.folder("bert", "base"), task="base")[0], ids), atol=0, rtol=0)
+
+
+def test_tokenizer_config_sides(tiny, tmp_path):
+    """padding_side and truncation_side in tokenizer_config.json, as transformers' tokenizer reads them."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "padding_side": "left", "truncation_side": "left"}))
+    tok, hf = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(str(folder))
+    hf.pad_token = hf.pad_token or hf.eos_token  # ours pads with eos when the files name no pad token
+    texts = ["a b", "the quick brown fox jumps over the lazy dog"]
+    assert tok(texts)["input_ids"].tolist() == hf(texts, padding=True)["input_ids"]
+    assert tok(texts, truncation=True, max_length=4)["input_ids"].tolist() == \
+        hf(texts, padding=True, truncation=True, max_length=4)["input_ids"]
+
+
 def test_folder_without_config(tiny, tmp_path):
     folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
     (folder / "config.json").unlink()
