@@ -104,6 +104,9 @@ def write_json(path, results):
 
 def load_variant(args, folder, model_task, num_labels, entry):
     """The base model with one adapter (or none) applied, optionally merged."""
+    # a head the checkpoint lacks is initialised the same way in every run and for every entry of the table
+    # (train.py's "before" too): entries after the first drew other random heads
+    torch.manual_seed(0)
     model, tokenizer = load_model(folder, task=model_task, num_labels=num_labels, dtype=getattr(torch, args.dtype),
                                   quant=None if args.quant == "none" else args.quant, ignore_mismatched_sizes=True)
     base = model
@@ -223,7 +226,6 @@ def main(argv=None):
     for entry in args.adapters:  # all of them before the first evaluation, which may take minutes
         if entry != "base":
             check_adapter_folder(entry)
-    torch.manual_seed(0)  # a head the checkpoint lacks is initialised the same way every run
     # freed activations are reused, quantized or not (quant/allocator.py): without gradients the peak is
     # the weights plus one layer's activations either way, and returning them to the OS made smollm2's
     # bbc_news perplexity 1.1 x (nf4) to 1.7 x (int8) slower for the same peak

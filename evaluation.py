@@ -70,7 +70,7 @@ def label_word_scores(model, examples, tokenizer, words, batch_size, desc=None):
 
 def classification_metrics(probs_or_scores, labels, loss=None):
     predictions = probs_or_scores.argmax(-1).tolist()
-    result = metrics.f1_scores(predictions, labels)
+    result = metrics.f1_scores(predictions, labels, num_classes=probs_or_scores.shape[-1])
     if loss is not None:
         result["loss"] = loss
     return result

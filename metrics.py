@@ -121,15 +121,16 @@ def f1(predictions: Iterable, labels: Iterable, average: str = "macro", positive
     raise ValueError(f"average must be 'macro', 'binary' or 'micro', not {average!r}")
 
 
-def f1_scores(predictions: Iterable, labels: Iterable) -> dict[str, float]:
-    """{"accuracy", "f1" (macro)}, plus "f1_binary" (positive label 1) for 0/1 labels.
+def f1_scores(predictions: Iterable, labels: Iterable, num_classes: int | None = None) -> dict[str, float]:
+    """{"accuracy", "f1" (macro)}, plus "f1_binary" (positive label 1) for a two-class task.
 
-    The task counts as binary when every label and prediction is 0 or 1 (the GLUE-style
-    convention); a batch that happens to hold only one of the two classes still counts.
+    num_classes: the classifier's; without it the task counts as binary when every label and
+    prediction is 0 or 1 (the GLUE-style convention), so a 3-class model whose predictions on a
+    split happen to be 0 and 1 only would get the key too: pass it when known.
     """
     preds, gold = _as_lists(predictions, labels)
     scores = {"accuracy": accuracy(preds, gold), "f1": f1(preds, gold, "macro")}
-    if set(preds) | set(gold) <= {0, 1}:
+    if num_classes == 2 if num_classes is not None else set(preds) | set(gold) <= {0, 1}:
         scores["f1_binary"] = f1(preds, gold, "binary", positive_label=1)
     return scores
 

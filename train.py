@@ -481,9 +481,9 @@ def main(argv=None):
         return result
 
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
-             "before": None}
+             "before": None, "eval_due": False}  # eval_due: the evaluation after this step has not finished
     if args.resume:
-        saved_state = read_json(out / "checkpoint" / "state.json")
+        saved_state = {"eval_due": False} | read_json(out / "checkpoint" / "state.json")  # older checkpoints lack it
         if set(state) - set(saved_state):
             raise damaged(out / "checkpoint" / "state.json", KeyError(", ".join(sorted(set(state) - set(saved_state)))))
         state = saved_state
@@ -501,6 +501,12 @@ def main(argv=None):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     batches_per_epoch = len(micro_batches(len(train_set), args.batch_size, world, args.seed, 0))
+    if not batches_per_epoch:  # several processes drop an epoch's last, partial global batch
+        raise data.DataError(f"{len(train_set)} training examples are fewer than one global batch ({args.batch_size} "
+                             f"x {world} processes); lower --batch-size")
+    if args.method == "none" and args.dtype == "bfloat16" and is_main:
+        print("note: full fine-tuning of bfloat16 weights keeps no float32 copy, so most AdamW updates round away; "
+              "--dtype float32 (with --autocast for bf16 compute) trains them", file=sys.stderr)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)  # the last step of an epoch may be short
     total_steps = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     if args.lr is None:
@@ -537,13 +543,40 @@ def main(argv=None):
         if is_main:
             save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, rng)
 
+    def evaluate_step():
+        """Evaluate after this step, keep the best weights; whether early stopping ends the run."""
+        result = run_eval(eval_set, "eval" if is_main else None)
+        better = state["best"] is None or (result[metric] > state["best"] if HIGHER_IS_BETTER[metric]
+                                           else result[metric] < state["best"])
+        if better:
+            state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
+            state["best_metrics"] = result
+            if is_main:
+                (out / "best").mkdir(parents=True, exist_ok=True)
+                save_file(trainable_state(model), str(out / "best" / "trainable.safetensors"))
+        else:
+            state["bad_evals"] += 1
+        state["eval_due"] = False
+        if log:
+            log.write(json.dumps({"kind": "eval", "step": state["step"], "metrics": result}) + "\n")
+            log.flush()
+        if is_main:
+            tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        stop = bool(args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience)
+        if stop and is_main:
+            tqdm.write(f"early stopping: no better {metric} for {state['bad_evals']} evaluations")
+        if stop or not args.save_every:
+            checkpoint(rng_state())
+        return stop
+
     epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
     committed = (copy.deepcopy(state), rng_state())  # the last finished step: what an interruption saves
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
     started, eval_seconds[0] = time.time(), 0.0
     on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        while state["step"] < total_steps:
+        stop = state["eval_due"] and evaluate_step()  # a run interrupted in an evaluation redoes it first
+        while not stop and state["step"] < total_steps:
             model.train()
             if state["micro"] >= len(epoch_batches):
                 state["epoch"], state["micro"] = state["epoch"] + 1, 0
@@ -572,6 +605,7 @@ def main(argv=None):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0 or state["step"] >= total_steps)
             committed = (copy.deepcopy(state), rng_state())
             step_loss = all_sum(step_loss, world) / (denominator * world)
             bar.update(1)
@@ -583,31 +617,8 @@ def main(argv=None):
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr "
                                          f"and start over in another --output-dir (or after deleting {out})")
-            done = state["step"] >= total_steps
-            if args.eval_every and state["step"] % args.eval_every == 0 or done:
-                result = run_eval(eval_set, "eval" if is_main else None)
-                better = state["best"] is None or (result[metric] > state["best"] if HIGHER_IS_BETTER[metric]
-                                                   else result[metric] < state["best"])
-                if better:
-                    state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
-                    state["best_metrics"] = result
-                    if is_main:
-                        (out / "best").mkdir(parents=True, exist_ok=True)
-                        save_file(trainable_state(model), str(out / "best" / "trainable.safetensors"))
-                else:
-                    state["bad_evals"] += 1
-                if log:
-                    log.write(json.dumps({"kind": "eval", "step": state["step"], "metrics": result}) + "\n")
-                    log.flush()
-                if is_main:
-                    tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-                if args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience:
-                    if is_main:
-                        tqdm.write(f"early stopping: no better {metric} for {state['bad_evals']} evaluations")
-                    checkpoint(rng_state())
-                    break
-                if not args.save_every:
-                    checkpoint(rng_state())
+            if state["eval_due"] and evaluate_step():
+                break
             if args.save_every and state["step"] % args.save_every == 0:
                 checkpoint(rng_state())
     except KeyboardInterrupt:

@@ -587,3 +587,13 @@ def test_causal_lm_adapters_make_labelled_text_generate_label(tiny, tmp_path, ca
            "choose another" in capsys.readouterr().err
     assert inferred == run_eval(*common, "--task", "generate-label")
     assert "loss" in run_eval("--model", folder, "--dataset", dataset, "--max-length", 64)["base"]  # seq-cls
+
+
+def test_a_random_head_is_the_same_in_every_column(tiny, tmp_path):
+    """The checkpoint has no classifier, so each entry's head is drawn at random: from the same seed for every
+    entry (a second `base` column used to get other numbers than the first)."""
+    dataset = write_jsonl(tmp_path / "data", "test", keyword_rows(24, 2, seed=4))
+    results = run_eval("--model", tiny.folder("bert", "base"), "--dataset", dataset, "--max-length", MAX_LENGTH,
+                       "--adapters", "base", "base")
+    first, second = results.values()
+    assert first == second

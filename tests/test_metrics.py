@@ -69,6 +69,10 @@ def test_multiclass_macro_with_a_class_never_predicted():
     assert f1(preds, labels, "micro") == pytest.approx(accuracy(preds, labels)) == pytest.approx(3 / 7)
     scores = f1_scores(preds, labels)
     assert set(scores) == {"accuracy", "f1"}  # 3 classes: no binary F1
+    # a 3-class model whose predictions and labels on a split are 0 and 1 only: still not binary (the
+    # key came and went with the predictions, and eval.py's table failed on a missing row)
+    assert set(f1_scores([0, 1, 1], [0, 1, 0], num_classes=3)) == {"accuracy", "f1"}
+    assert set(f1_scores([0, 0, 0], [0, 0, 0], num_classes=2)) == {"accuracy", "f1", "f1_binary"}
     with pytest.raises(ValueError):
         f1(preds, labels, "binary")
 

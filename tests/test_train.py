@@ -470,6 +470,11 @@ def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=Keyb
     assert json.loads((out / "checkpoint" / "state.json").read_text()) == state
     run(folder, dataset, out, *args, "--resume")
 
+    # every evaluation happens once, the interrupted one redone (it used to be skipped: another best step)
+    assert [r["step"] for r in log_rows(out, "eval")] == [r["step"] for r in log_rows(tmp_path / "straight", "eval")]
+    results = [json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "straight", out)]
+    assert results[0]["best_step"] == results[1]["best_step"]
+    assert results[0]["after"] == pytest.approx(results[1]["after"], rel=1e-6)
     straight = {r["step"]: r["loss"] for r in log_rows(tmp_path / "straight")}
     resumed = {r["step"]: r["loss"] for r in log_rows(out)}  # the resumed run appends; later rows win
     assert sorted(resumed) == list(range(1, 7))
@@ -503,6 +508,11 @@ def test_resume_after_sigterm_in_a_step(tiny, tmp_path, monkeypatch):
 def test_resume_after_interrupt_during_evaluation(tiny, tmp_path, monkeypatch):
     # evaluate's calls: 1 = 'before', 2 = after step 3 (--eval-every 3)
     check_resume(tiny, tmp_path, monkeypatch, "evaluate", on_call=2, extra=["--eval-every", 3])
+
+
+def test_resume_after_interrupt_during_the_final_evaluation(tiny, tmp_path, monkeypatch):
+    # evaluate's calls: 1 = 'before', 2-6 = after steps 1-5, 7 = after step 6, the last
+    check_resume(tiny, tmp_path, monkeypatch, "evaluate", on_call=7, extra=["--eval-every", 1], expect_step=6)
 
 
 def test_resume_from_periodic_checkpoint_after_crash(tiny, tmp_path, monkeypatch):
@@ -840,6 +850,15 @@ def test_one_label_or_a_list_label_is_an_error(tiny, tmp_path, labels, message):
     rows = [{"text": f"review {i}", "label": y} for i, y in enumerate(labels)]
     with pytest.raises(data.DataError, match=message):
         bad_run(tiny, tmp_path, {"train": rows, "validation": rows}, "--task", "seq-cls")
+
+
+def test_fewer_examples_than_one_global_batch(tiny, tmp_path, monkeypatch):
+    """Several processes drop an epoch's last partial global batch; with none left the run stopped on a
+    ZeroDivisionError after the first evaluation (2 processes faked: the check comes before any collective)."""
+    monkeypatch.setattr(train, "init_distributed", lambda: (0, 2))
+    with pytest.raises(data.DataError, match=r"^6 training examples are fewer than one global batch \(4 x 2 "
+                                             r"processes\); lower --batch-size$"):
+        bad_run(tiny, tmp_path, {"train": GOOD[:6], "validation": GOOD}, "--batch-size", 4)
 
 
 def test_generate_label_needs_room_for_the_text(tiny, tmp_path):
