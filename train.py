@@ -115,8 +115,8 @@ def parse_args(argv=None):
     for name, value in vars(args).items():  # nan or inf: argparse's float() takes "nan" and "inf"
         if isinstance(value, float) and not math.isfinite(value):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("alpha", "max_new_tokens", "rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "eval_batch_size", "epochs",
-                 "max_steps", "train_samples", "eval_samples", "lr"):  # the last four may be left out (None)
+    for name in ("alpha", "max_new_tokens", "rank", "batch_size", "grad_accum", "max_length", "num_virtual_tokens",
+                 "eval_batch_size", "epochs", "max_steps", "train_samples", "eval_samples", "lr"):  # the last four: None
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("warmup", "weight_decay", "max_grad_norm", "eval_every", "early_stopping_patience", "save_every"):
@@ -605,7 +605,8 @@ def main(argv=None):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0 or state["step"] >= total_steps)
+            state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0
+                                     or state["step"] >= total_steps)
             committed = (copy.deepcopy(state), rng_state())
             step_loss = all_sum(step_loss, world) / (denominator * world)
             bar.update(1)
