@@ -34,7 +34,7 @@ import data
 from evaluation import classify, evaluate, metric_names, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
-from lora.adapters import head_names, linear_layer_names, matches
+from lora.adapters import head_names, linear_layer_names, matches, short_names
 from models import Tokenizer, load_model, save_model
 from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve
 from quant import dequantize_model
@@ -411,17 +411,18 @@ def add_method(args, model, tokenizer):
         # a name typed here must match
         for name in split(args.modules_to_save) or []:
             if not head_names(model, [name]):
-                names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and not n[-1].isdigit()})
+                names = short_names(n for n, _ in model.named_modules() if n and not n[-1].isdigit())
                 raise AdapterError(f"--modules-to-save: {name!r} matches no module of this model; its modules are "
                                    f"named: {', '.join(names)}")
         targets = "all-linear" if args.target_modules == "all-linear" else split(args.target_modules)
         # apply_lora, as peft, needs only one of the names to match; a misspelt one typed here is an error
-        unmatched = [t for t in targets if not any(matches(n, [t]) for n in linear_layer_names(model))] \
+        layers = linear_layer_names(model)
+        unmatched = [t for t in targets if not any(matches(n, [t]) for n in layers)] \
             if isinstance(targets, list) else []
         if unmatched and len(unmatched) < len(targets):  # none matching: apply_lora says so
-            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
-            raise AdapterError(f"--target-modules: {', '.join(unmatched)} {'matches' if len(unmatched) == 1 else 'match'} "
-                               f"no linear layer of this model; its linear layers are named: {', '.join(suffixes)}")
+            raise AdapterError(f"--target-modules: {', '.join(unmatched)} "
+                               f"{'matches' if len(unmatched) == 1 else 'match'} no linear layer of this model; its "
+                               f"linear layers are named: {', '.join(short_names(layers))}")
         apply_lora(model, LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora,
                                      use_dora=args.use_dora, target_modules=targets,
                                      modules_to_save=split(args.modules_to_save)))

@@ -23,7 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, inputs, interleaved, model_dir, our_loss, training_step  # also puts the root on sys.path
+from common import ROOT, fetched, inputs, interleaved, model_dir, our_loss, training_step  # also puts the root on sys.path
 from lora import LoraConfig, apply_lora
 from models import fused, load_model
 from models.generate import generate
@@ -61,9 +61,8 @@ def switched(onednn, fn):
 def models(repeats):
     print("\n| model | batch | what | with torch's products (ms) | with oneDNN's (ms) | torch / oneDNN |\n|---|---|---|---|---|---|")
     for name, task, targets, B, T in MODELS:
-        folder = model_dir(name)
-        if not folder.is_dir():
-            print(f"| {name} | skipped: not in {folder.parent} | | | | |")
+        folder = fetched(name, 6)
+        if folder is None:
             continue
         base, _ = load_model(folder, task=task)
         base.eval()

@@ -26,7 +26,7 @@ import peft
 import torch
 import transformers
 
-from common import inputs, interleaved, model_dir, our_loss, training_step
+from common import fetched, inputs, interleaved, model_dir, our_loss, training_step
 from lora import LoraConfig, apply_lora, merge_adapter
 from models import load_model
 from quant.allocator import keep_freed_memory
@@ -87,9 +87,8 @@ def main():
     keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, r={args.rank}")
     for name, task, auto, peft_task, targets, B, T in CASES:
-        folder = model_dir(name)
-        if not folder.is_dir():
-            print(f"{name}: skipped, not in {folder.parent}")
+        folder = fetched(name)
+        if folder is None:
             continue
         ids, mask, labels = inputs(task, B, T)
         base, _ = load_model(folder, task=task)

@@ -8,7 +8,7 @@ import argparse
 import torch
 import transformers
 
-from common import interleaved, model_dir
+from common import fetched, interleaved
 from models import load_model
 
 CASES = [  # (fetched name, our task, transformers class, batch, tokens)
@@ -25,9 +25,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| model | batch | ours (ms) | transformers (ms) | ours / transformers |\n|---|---|---|---|---|")
     for name, task, auto, B, T in CASES:
-        folder = model_dir(name)
-        if not folder.is_dir():
-            print(f"| {name} | skipped: not in {folder.parent} | | | |")
+        folder = fetched(name, 5)
+        if folder is None:
             continue
         ours, _ = load_model(folder, task=task)
         ref = auto.from_pretrained(folder, dtype=torch.float32).eval()

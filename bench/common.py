@@ -14,6 +14,17 @@ def model_dir(name):
     return Path(os.environ.get("PEFT_MODELS_DIR") or Path.home() / ".cache" / "peft-models") / name
 
 
+def fetched(name, columns=0):
+    """The folder of fetched model `name`, or None after printing that it is skipped (as a row of a
+    Markdown table of `columns` columns when given)."""
+    folder = model_dir(name)
+    if folder.is_dir():
+        return folder
+    print(f"| {name} | skipped: not in {folder.parent} |" + " |" * (columns - 2) if columns
+          else f"{name}: skipped, not in {folder.parent}")
+    return None
+
+
 def timeit(fn, repeats=10, warmup=2):
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):

@@ -137,6 +137,11 @@ def outside_wrappers(model):
     return [(name, m) for name, m in model.named_modules() if name and not any(name.startswith(w) for w in wrappers)]
 
 
+def short_names(names):
+    """The last dotted part of each name, sorted and once each: what error messages list as the choices."""
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
 def linear_layer_names(model):
     """Names of the linear layers LoRA can target, not counting those inside adapters."""
     return [name for name, m in outside_wrappers(model) if is_linear(m)]
@@ -233,9 +238,8 @@ def apply_lora(model, config=None, adapter_name="default"):
         raise AdapterError(f"target modules {targets!r} match only layers that get no adapter: those "
                            + " or ".join(r for r in reasons if r))
     if not chosen:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in available})
         raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "
-                           f"its linear layers are named: {', '.join(suffixes)}")
+                           f"its linear layers are named: {', '.join(short_names(available))}")
     if not registry:
         model.requires_grad_(False)
     for name in chosen:
