@@ -302,21 +302,24 @@ def encode_prompt_answer(prompt_ids, answer_ids, max_length):
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 
-ANSWER_ROOM = 8  # generate-label: tokens of a prompt's length left for the label word (and eos) it is scored with
+def label_word_ids(tokenizer, words):
+    """The tokens generate-label trains and scores for each label word: " word" and eos."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [tokenizer.encode(" " + w, add_special_tokens=False) + eos for w in words]
 
 
 def encode_generate_label(rows, tokenizer, max_length, words, names, split):
-    if max_length <= ANSWER_ROOM:
-        raise DataError(f"generate-label keeps {ANSWER_ROOM} of --max-length's tokens for the label word; "
+    word_ids = label_word_ids(tokenizer, words)
+    room = max(len(ids) for ids in word_ids)  # the prompt is cut so that every word fits after it
+    if max_length <= room:
+        raise DataError(f"generate-label keeps {room} of --max-length's tokens for the longest label word and eos; "
                         f"--max-length {max_length} leaves none for the text")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     text = text_column(rows)
     examples = []
     for row, y in zip(rows, label_ids(rows, names, split)):
         prompt = tokenizer.encode(LABEL_PROMPT.format(text=row[text]))
-        example = encode_prompt_answer(prompt, tokenizer.encode(" " + words[y], add_special_tokens=False) + eos,
-                                       max_length)
-        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - ANSWER_ROOM):]})
+        example = encode_prompt_answer(prompt, word_ids[y], max_length)
+        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - room):]})
     return examples
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import data
-from evaluation import classification_probabilities, evaluate, perplexity_of_texts
+from evaluation import classification_probabilities, evaluate, longest_rouge_prompt, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
 from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
@@ -191,16 +191,21 @@ def label_names(rows, task, folder, adapters, label_words):
     return names
 
 
-def check_lengths(args, cfg, entries, plain_text):
+def check_lengths(args, cfg, entries, plain_text, rouge_prompt=None):
     """Each entry's inputs fit the model: --max-length (or the perplexity --window) plus the tokens of a soft
-    prompt, checked before any evaluation instead of failing inside the forward of a long example."""
+    prompt, and with rouge_prompt (the longest prompt --rouge continues) that prompt, the soft prompt and
+    --max-new-tokens; checked before any evaluation instead of failing inside the forward of a long example."""
     flag, tokens = ("--window", args.window) if plain_text and args.window else ("--max-length", args.max_length)
     for entry in entries:
         config = {} if entry == "base" else read_json(Path(entry) / CONFIG_FILE, AdapterError)
         virtual = config.get("num_virtual_tokens") if config.get("peft_type") == "PROMPT_TUNING" else 0
         virtual = virtual if isinstance(virtual, int) else 0  # a bad value is load_adapter's error to report
-        check_positions(cfg, args.model, tokens + virtual,
-                        f"{flag} {tokens}" + (f" + {virtual} virtual tokens of {entry}" if virtual else ""))
+        of_entry = f" + {virtual} virtual tokens of {entry}" if virtual else ""
+        check_positions(cfg, args.model, tokens + virtual, f"{flag} {tokens}{of_entry}")
+        if rouge_prompt is not None:  # the last new token is not fed back
+            check_positions(cfg, args.model, rouge_prompt + virtual + args.max_new_tokens - 1,
+                            f"--rouge's longest prompt ({rouge_prompt} tokens){of_entry} + --max-new-tokens "
+                            f"{args.max_new_tokens}")
 
 
 def label_of(entry, merge, full=False):
@@ -248,7 +253,7 @@ def main(argv=None):
                                      "continue")
         model = load_variant(args, folder, "causal-lm", 2, args.adapters[0])[0]
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
         results = [{"prompt": prompt, "generated": tok.decode(row)}
                    for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:])]
         for r in results:
@@ -294,6 +299,8 @@ def main(argv=None):
     check_lengths(args, cfg, args.adapters, plain_text)
     if not plain_text:
         examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)
+        if args.rouge:
+            check_lengths(args, cfg, args.adapters, plain_text, longest_rouge_prompt(examples, f"split {split!r}"))
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
     for entry, column in zip(args.adapters, column_labels(args.adapters, args.merge)):
         model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)

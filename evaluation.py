@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import metrics
-from data import DataError, collate
+from data import DataError, collate, label_word_ids
 from models import generate
 from models.generate import check_room
 
@@ -50,10 +50,8 @@ def classification_probabilities(model, examples, batch_size, pad_id, desc=None)
 def label_word_scores(model, examples, tokenizer, words, batch_size, desc=None):
     """log p(word | prompt) for every example and label word: (N, num_labels)."""
     model.eval()
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    word_ids = [tokenizer.encode(" " + w, add_special_tokens=False) + eos for w in words]
     scores = torch.empty(len(examples), len(words))
-    for k, ids in enumerate(word_ids):
+    for k, ids in enumerate(label_word_ids(tokenizer, words)):
         candidates = [{"input_ids": e["prompt_ids"] + ids, "labels": [-100] * len(e["prompt_ids"]) + ids}
                       for e in examples]
         for start in range(0, len(candidates), batch_size):
@@ -97,7 +95,7 @@ def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=
         return classification_metrics(scores, [e["label"] for e in examples])
     rouge = rouge and "reference" in examples[0]
     if rouge:  # before the perplexity pass, which may take minutes
-        check_room(model, max(len(e["prompt_ids"]) for e in examples), max_new_tokens)
+        check_room(model, longest_rouge_prompt(examples), max_new_tokens)
     total, count = 0.0, 0
     for batch in batches(examples, batch_size, tokenizer.pad_token_id, desc=desc):
         nll, n = next_token_nll(model, batch)
@@ -109,6 +107,15 @@ def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=
     return result
 
 
+def longest_rouge_prompt(examples, where="the examples"):
+    """--rouge generates a continuation of each example's prompt: the longest prompt's length, after checking
+    that none is empty (a tokenizer without BOS leaves an empty prompt nothing to continue from)."""
+    empty = next((i for i, e in enumerate(examples) if not e["prompt_ids"]), None)
+    if empty is not None:
+        raise DataError(f"row {empty} of {where} has an empty prompt: --rouge has nothing to generate from")
+    return max(len(e["prompt_ids"]) for e in examples)
+
+
 @torch.no_grad()
 def generate_answers(model, examples, tokenizer, batch_size, max_new_tokens):
     """Greedy continuations of each example's prompt, decoded (left padding for the batch)."""
@@ -117,7 +124,7 @@ def generate_answers(model, examples, tokenizer, batch_size, max_new_tokens):
         prompts = [{"input_ids": e["prompt_ids"]} for e in examples[start:start + batch_size]]
         batch = collate(prompts, tokenizer.pad_token_id, side="left")
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                       eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
         texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
     return [t.strip() for t in texts]
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
-from evaluation import classify, evaluate, metric_names, next_token_nll
+from evaluation import classify, evaluate, longest_rouge_prompt, metric_names, next_token_nll
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names, linear_layer_names, matches, short_names
@@ -200,6 +200,8 @@ def prepare_data(args, tokenizer, task, splits):
     # one split for both (e.g. no validation split): the same object, so main() can reuse its evaluation
     test_set = eval_set if test_name == eval_name else data.encode(test_rows, task, tokenizer, args.max_length,
                                                                    names, words, test_name)
+    if args.rouge:  # an empty prompt stops the run here, not after the first perplexity pass
+        longest_rouge_prompt(test_set, f"the evaluated rows of split {test_name!r}")
     return train_set, eval_set, test_set, names, words
 
 

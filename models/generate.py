@@ -41,13 +41,17 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     Rows that emit an eos token are padded with pad_token_id afterwards; generation stops when every
     row has finished. eos_token_id may be an int or a list of ids.
     """
-    if do_sample and temperature <= 0:
+    if do_sample and not temperature > 0:  # `not >`: nan too
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    check_room(model, input_ids.shape[1], max_new_tokens)
+    if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if input_ids.shape[1] == 0 or not attention_mask.bool().any(1).all():  # no token to predict the first new one from
+        raise ValueError("every row needs at least one prompt token to continue; an empty prompt has none")
+    check_room(model, input_ids.shape[1], max_new_tokens)
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
                        else list(eos_token_id), dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:

@@ -33,6 +33,7 @@ class Tokenizer:
         self.padding_side = self.truncation_side = "right"  # from_folder reads tokenizer_config.json's
         self.folder = folder
         self.model_input_names = ["input_ids", "attention_mask"]  # from_folder adds token types for BERT
+        self.stop_token_ids = []  # the ids that end generation; from_folder reads them
         for name in ("pad", "eos", "bos", "unk", "cls", "sep"):
             text = special_tokens.get(name)
             setattr(self, f"{name}_token_id", None if text is None else tokenizer.token_to_id(text))
@@ -64,6 +65,11 @@ class Tokenizer:
         for side in ("padding_side", "truncation_side"):
             if config.get(side) in ("left", "right"):
                 setattr(tokenizer, side, config[side])
+        # transformers' generate stops at generation_config.json's eos ids (Qwen2.5-Instruct lists two), else at
+        # config.json's; answers are trained to end with the tokenizer's eos, so that one stops generation too
+        stops = _read_json(folder / "generation_config.json").get("eos_token_id", cfg.get("eos_token_id"))
+        stops = [tokenizer.eos_token_id] + (stops if isinstance(stops, list) else [stops])
+        tokenizer.stop_token_ids = list(dict.fromkeys(i for i in stops if isinstance(i, int)))
         if cfg.get("type_vocab_size", 0) > 1:  # the model embeds token types (BERT): a pair's second text is type 1
             tokenizer.model_input_names.insert(1, "token_type_ids")
         return tokenizer

@@ -393,8 +393,8 @@ def test_generation_that_would_run_past_the_positions_fails_first(tiny, tmp_path
     dataset = write_jsonl(tmp_path / "data", "test", rows)
     with monkeypatch.context() as m:
         m.setattr(evaluation, "next_token_nll", lambda *a: pytest.fail("the perplexity pass ran first"))
-        with pytest.raises(LoadError, match=r"^40 prompt tokens \+ 30 new tokens exceed the model's maximum of 64 "
-                                            r"positions$"):
+        with pytest.raises(LoadError, match=r"^--rouge's longest prompt \(40 tokens\) \+ --max-new-tokens 30 exceeds "
+                                            r".*gpt2-causal-lm's maximum of 64 positions$"):
             run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 30)
     result = run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 25)
     assert set(result["base"]) >= {"rouge1", "rouge2", "rougeL"}
@@ -597,3 +597,50 @@ def test_a_random_head_is_the_same_in_every_column(tiny, tmp_path):
                        "--adapters", "base", "base")
     first, second = results.values()
     assert first == second
+
+
+def test_generation_stops_at_the_generation_configs_eos_ids(tiny, tmp_path, capsys):
+    """transformers' generate stops at generation_config.json's eos ids (Qwen2.5-Instruct lists two); only the
+    tokenizer's eos used to stop ours, which then ran on past the other."""
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "llama")
+    tok = Tokenizer.from_folder(folder, json.loads((folder / "config.json").read_text()))
+    ids = tok(["a wonderful film"])["input_ids"]
+    hf = load_hf(folder, "llama", "causal-lm")
+    with torch.no_grad():
+        plain = hf.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    stop = plain[3]  # a token greedy decoding reaches after a few steps
+    assert stop not in plain[:3] and stop != tok.eos_token_id
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, stop]}))
+    hf = load_hf(folder, "llama", "causal-lm")
+    with torch.no_grad():
+        ref = hf.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    assert ref.tolist() == plain[:4]  # transformers stopped at `stop`
+    result = run_eval("--model", folder, "--generate", "a wonderful film", "--max-new-tokens", 12)
+    assert result[0]["generated"] == tok.decode(ref)
+
+
+def test_rouge_checks_every_column_before_the_first(tiny, tmp_path, monkeypatch):
+    """--rouge's longest prompt + a soft prompt + --max-new-tokens past the positions: one line before any column
+    is evaluated (the base column used to be evaluated in full first)."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    prompt = PromptTuningModel(load_model(folder, task="causal-lm")[0]).add_prompt("default", 8)
+    save_adapter(prompt, tmp_path / "prompt")
+    rows = [{"question": "what is two and two, and why is it so? " * 4, "answer": "four"}] * 3
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    monkeypatch.setattr(evaluation, "next_token_nll", lambda *a: pytest.fail("a column was evaluated first"))
+    with pytest.raises(LoadError, match=r"^--rouge's longest prompt \(40 tokens\) \+ 8 virtual tokens of .*prompt \+ "
+                                        r"--max-new-tokens 20 exceeds .*gpt2-causal-lm's maximum of 64 positions$"):
+        run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 40, "--max-new-tokens", 20,
+                 "--adapters", "base", tmp_path / "prompt")
+
+
+def test_rouge_on_an_empty_prompt_is_one_line(tiny, tmp_path):
+    """GPT-2's tokenizer adds no BOS, so an empty prompt has no token to continue: generate failed with an
+    IndexError (alone in its batch) or continued from padding (beside others)."""
+    folder = tiny.folder("gpt2", "causal-lm")
+    rows = [{"prompt": "a question", "completion": "an answer"}, {"prompt": "", "completion": "an answer"}]
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    with pytest.raises(DataError, match=r"^row 1 of split 'test' has an empty prompt: --rouge has nothing to "
+                                        r"generate from$"):
+        run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 32)

@@ -757,3 +757,26 @@ def test_a_head_for_other_labels_starts_fresh_as_in_transformers(tiny, family):
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(model(ids, torch.ones_like(ids)), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(do_sample=True, temperature=float("nan")), r"^temperature must be > 0 when sampling, got nan$"),
+    (dict(max_new_tokens=-3), r"^max_new_tokens must be a positive integer, got -3$"),
+    (dict(max_new_tokens=0), r"^max_new_tokens must be a positive integer, got 0$"),
+])
+def test_generation_arguments_out_of_range_are_errors(tiny, ours, kwargs, message):
+    """transformers refuses them too; a nan temperature failed inside torch.multinomial and max_new_tokens < 1
+    returned the prompt."""
+    model, _ = ours("gpt2", "causal-lm")
+    with pytest.raises(ValueError, match=message):
+        generate(model, random_ids("gpt2", 1, 5), **kwargs)
+
+
+def test_generation_needs_a_token_in_every_row(tiny, ours):
+    """A row of padding only (an empty prompt in a left-padded batch) has nothing to continue from."""
+    model, _ = ours("gpt2", "causal-lm")
+    ids = random_ids("gpt2", 2, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    for args in ((ids, mask), (ids[:, :0], mask[:, :0])):
+        with pytest.raises(ValueError, match=r"^every row needs at least one prompt token to continue"):
+            generate(model, *args, max_new_tokens=3)

@@ -862,10 +862,22 @@ def test_fewer_examples_than_one_global_batch(tiny, tmp_path, monkeypatch):
 
 
 def test_generate_label_needs_room_for_the_text(tiny, tmp_path):
-    with pytest.raises(data.DataError, match=r"^generate-label keeps 8 of --max-length's tokens for the label word; "
-                                             r"--max-length 8 leaves none for the text$"):
-        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label", "--max-length", 8,
+    _, tok = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")
+    room = max(len(ids) for ids in data.label_word_ids(tok, ["negative", "positive"]))  # the longest word + eos
+    with pytest.raises(data.DataError, match=rf"^generate-label keeps {room} of --max-length's tokens for the longest "
+                                             rf"label word and eos; --max-length {room} leaves none for the text$"):
+        bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD}, "--task", "generate-label", "--max-length", room,
                 family=("gpt2", "causal-lm"))
+
+
+def test_generate_label_words_longer_than_eight_tokens_fit_the_positions(tiny, tmp_path):
+    """Every prompt is cut to leave room for the longest word: at --max-length = the model's 64 positions, words of
+    more than 8 tokens went past the last position when they were scored (a traceback at the first evaluation)."""
+    words = "the quick brown fox jumps over the lazy dog,machine learning models learn patterns from data"
+    long_rows = [{"text": " ".join(["word"] * 80), "label": i % 2} for i in range(4)]
+    result = bad_run(tiny, tmp_path, {"train": long_rows, "validation": long_rows}, "--task", "generate-label",
+                     "--max-length", 64, "--label-words", words, family=("gpt2", "causal-lm"))
+    assert set(result) >= {"accuracy", "f1"}
 
 
 def test_labels_that_are_not_all_ints_are_names():
