@@ -18,13 +18,22 @@ from models import generate
 from models.generate import check_room
 
 
+def scored_labels(labels, virtual=0):
+    """The labels a causal LM's next-token loss scores: labels[:, 1:], as position t predicts token t + 1 and
+    nothing predicts the first token, or all of them after a soft prompt of `virtual` tokens, whose last
+    position predicts the first token (peft pads the labels with -100 for the virtual tokens, then shifts)."""
+    return labels if virtual else labels[:, 1:]
+
+
 def next_token_nll(model, batch):
     """(sum of next-token NLL over labelled positions, their count), computed by the model from its
     hidden states at those positions only (no logits elsewhere, none materialised; models/fused.py)."""
-    targets = batch["labels"][:, 1:]
-    keep = F.pad(targets != -100, (0, 1))  # (B, T): positions whose next token carries a label
-    nll = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep, targets=targets[keep[:, :-1]])
-    return nll, int(keep.sum())
+    virtual = getattr(getattr(model, "module", model), "virtual_tokens", 0)  # DDP keeps the model in .module
+    targets = scored_labels(batch["labels"], virtual)
+    scored = targets != -100
+    keep = F.pad(scored, (max(virtual - 1, 0), 1))  # (B, virtual + T): the positions whose next token is scored
+    nll = model(batch["input_ids"], batch["attention_mask"], logits_mask=keep, targets=targets[scored])
+    return nll, int(scored.sum())
 
 
 def batches(examples, batch_size, pad_id, side="right", desc=None):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import data
-from evaluation import classify, evaluate, longest_rouge_prompt, metric_names, next_token_nll
+from evaluation import classify, evaluate, longest_rouge_prompt, metric_names, next_token_nll, scored_labels
 from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disable_adapters, merge_and_unload,
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names, linear_layer_names, matches, short_names
@@ -225,8 +225,9 @@ def loss_sum(model, batch, task):
     return next_token_nll(model, batch)
 
 
-def count_targets(batch, task):
-    return len(batch["labels"]) if task == "seq-cls" else int((batch["labels"][:, 1:] != -100).sum())
+def count_targets(batch, task, virtual):
+    """What loss_sum sums over; `virtual`: the soft prompt's tokens (its last one predicts the first token)."""
+    return len(batch["labels"]) if task == "seq-cls" else int((scored_labels(batch["labels"], virtual) != -100).sum())
 
 
 # ---- schedule and checkpoints ------------------------------------------------------------------------
@@ -593,7 +594,8 @@ def main(argv=None):
                 mine = indices[rank * share:(rank + 1) * share] if world > 1 else indices
                 group.append(data.collate([train_set[i] for i in mine], tokenizer.pad_token_id))
                 state["micro"] += 1
-            denominator = all_sum(sum(count_targets(b, task) for b in group), world) / world
+            denominator = all_sum(sum(count_targets(b, task, getattr(model, "virtual_tokens", 0)) for b in group),
+                                  world) / world
             step_loss = 0.0
             for i, batch in enumerate(group):
                 sync = nullcontext() if ddp is None or i == len(group) - 1 else ddp.no_sync()

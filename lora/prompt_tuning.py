@@ -13,7 +13,9 @@ or as the embeddings of an initialisation text's tokens repeated/cut to N (peft'
 PromptTuningInit.TEXT; the paper finds text or vocabulary init trains better than random).
 
 Our forward returns the outputs of the real tokens only (the N virtual positions are cut off), so
-labels need no -100 padding for the virtual tokens: the same as peft's labels padded with -100.
+labels need no -100 padding for the virtual tokens. The last virtual position predicts the first real
+token, and the causal-LM loss scores that too (evaluation.next_token_nll selects it with a logits_mask
+as wide as prompt + input), as peft's does: it pads the labels with N x -100 and then shifts them.
 With a KV cache the prompt is prepended on the first step only; later steps find it in the cache.
 Saved as peft does: adapter_config.json (peft_type PROMPT_TUNING) and adapter_model.safetensors
 holding `prompt_embeddings` (N, C) (and the classification head for seq-cls).
@@ -74,7 +76,9 @@ class PromptTuningModel(nn.Module):
         wrap_heads(self.base_model, save, name)
         cfg = self.base_model.config
         self.peft_config[name] = {
-            "peft_type": "PROMPT_TUNING", "task_type": task_type(self.base_model), "num_virtual_tokens": N,
+            # peft's plain PeftModel (task_type None) ignores a soft prompt; on a base model it is FEATURE_EXTRACTION
+            "peft_type": "PROMPT_TUNING", "task_type": task_type(self.base_model) or "FEATURE_EXTRACTION",
+            "num_virtual_tokens": N,
             "token_dim": embed.embedding_dim, "num_transformer_submodules": 1,
             "num_attention_heads": cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("n_heads"),
             "num_layers": cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("n_layers"),
@@ -83,10 +87,7 @@ class PromptTuningModel(nn.Module):
             "base_model_name_or_path": getattr(self.base_model, "name_or_path", None),
             "modules_to_save": list(save) or None, "inference_mode": True,
         }
-        if self.active_adapter is None:
-            self.set_adapter(name)
-        else:
-            self.prompt_embeddings[name].requires_grad_(False)
+        self.set_adapter(self.active_adapter or name)  # the new prompt and head copies train only if active
         return self
 
     def set_adapter(self, name):
@@ -106,9 +107,11 @@ class PromptTuningModel(nn.Module):
         for _, head in heads(self.base_model):
             if name in head.modules_to_save:
                 del head.modules_to_save[name]
-        self.active_adapter = None
-        if self.prompt_embeddings:
-            self.set_adapter(next(iter(self.prompt_embeddings)))
+                head.set_adapter(head.active_adapter if head.active_adapter != name else None)
+        if self.active_adapter == name:  # another prompt becomes active only in place of the deleted one
+            self.active_adapter = None
+            if self.prompt_embeddings:
+                self.set_adapter(next(iter(self.prompt_embeddings)))
 
     @contextmanager
     def disable_adapters(self):
@@ -147,9 +150,9 @@ class PromptTuningModel(nn.Module):
         extra = {"cache": cache} if cache is not None else {}
         if token_type_ids is not None:
             extra["token_type_ids"] = torch.cat([token_type_ids.new_zeros(B, N), token_type_ids], dim=1)
-        if kwargs.get("logits_mask") is not None:
-            kwargs["logits_mask"] = torch.cat([kwargs["logits_mask"].new_zeros(B, N if prepend else 0),
-                                               kwargs["logits_mask"]], dim=1)
+        mask_of_input = kwargs.get("logits_mask")  # (B, T), or (B, N + T) to select virtual positions too
+        if mask_of_input is not None and mask_of_input.shape[1] == T:
+            kwargs["logits_mask"] = torch.cat([mask_of_input.new_zeros(B, N if prepend else 0), mask_of_input], dim=1)
         out = self.base_model(inputs_embeds=x, attention_mask=mask, **extra, **kwargs)
         return out[:, N:] if prepend and out.dim() == 3 else out
 
@@ -178,6 +181,9 @@ def load_prompt_adapter(model, peft, tensors, folder, adapter_name):
         if prompt.shape[1] != dim:
             raise AdapterError(f"{folder}: tensor prompt_embeddings has shape {tuple(prompt.shape)}, "
                                f"the model expects (*, {dim})")
+        if peft.get("num_virtual_tokens", prompt.shape[0]) != prompt.shape[0]:
+            raise AdapterError(f"{folder}: adapter_config.json says num_virtual_tokens {peft['num_virtual_tokens']!r}, "
+                               f"tensor prompt_embeddings has {prompt.shape[0]} rows")
         wrapper.add_prompt(adapter_name, prompt.shape[0], modules_to_save=peft.get("modules_to_save") or [])
         wrapper.peft_config[adapter_name] = copy.deepcopy(peft)
         with torch.no_grad():

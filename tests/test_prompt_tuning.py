@@ -383,3 +383,72 @@ def test_generation_counts_the_virtual_tokens(tiny):
         generate(wrapper, ids, mask, max_new_tokens=fits + 1)
     with disable_adapters(wrapper):  # switched off, the prompt takes no positions
         assert generate(wrapper, ids, mask, max_new_tokens=fits + N, eos_token_id=-1).shape[1] == 10 + fits + N
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_causal_lm_loss_scores_the_first_token_as_peft(tiny, family):
+    """peft pads the labels with N x -100 and then shifts them, so its last virtual position predicts the first real
+    token; our loss left that token out (one token fewer, and another prompt gradient)."""
+    from evaluation import next_token_nll
+
+    ref = make_ref(tiny, family, "causal-lm")
+    wrapper = PromptTuningModel(plain_ours(tiny, family, "causal-lm")).add_prompt("default", N).eval()
+    copy_ours_to_ref(wrapper, ref)
+    ids, mask = inputs(family, batch=3)
+    mask[1, -3:] = 0  # right padding, unlabelled
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[2, :2] = -100  # a row whose first tokens are a prompt (not scored)
+    nll, count = next_token_nll(wrapper, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    theirs = ref(input_ids=ids, attention_mask=mask, labels=labels).loss  # the mean over its scored tokens
+    assert count == int((labels != -100).sum())  # every labelled token, the first ones included
+    torch.testing.assert_close(nll / count, theirs, atol=ATOL, rtol=0)
+    (nll / count).backward()
+    theirs.backward()
+    check(wrapper.prompt_embeddings["default"].grad, ref_prompt(ref).grad, "prompt gradient")
+
+
+def test_deleting_prompts_keeps_the_active_one_and_the_base_model_runs(tiny):
+    """Deleting an inactive prompt made the first one active (peft keeps the active one), and deleting the last
+    one left the heads pointing at its deleted copy (a KeyError in forward instead of the base model)."""
+    family, task = "gpt2", "seq-cls"
+    wrapper = PromptTuningModel(plain_ours(tiny, family, task)).add_prompt("a", N).add_prompt("b", 3)
+    wrapper.add_prompt("c", 2).set_adapter("c")
+    wrapper.delete_adapter("a")
+    assert wrapper.active_adapter == "c"
+    assert {n for n, p in wrapper.named_parameters() if p.requires_grad} == {
+        "prompt_embeddings.c", "base_model.score.modules_to_save.c.weight"}
+    wrapper.delete_adapter("b")
+    wrapper.delete_adapter("c")
+    ids, mask = inputs(family)
+    check(run_ours(wrapper.eval(), ids, mask), run_ours(plain_ours(tiny, family, task), ids, mask), "no prompt left")
+
+
+def test_a_second_prompts_head_copy_is_frozen_until_it_is_active(tiny):
+    wrapper = PromptTuningModel(plain_ours(tiny, "gpt2", "seq-cls")).add_prompt("first", N).add_prompt("second", 3)
+    assert {n for n, p in wrapper.named_parameters() if p.requires_grad} == {
+        "prompt_embeddings.first", "base_model.score.modules_to_save.first.weight"}
+
+
+def test_a_prompt_on_a_base_model_loads_in_peft(tiny, tmp_path):
+    """peft's plain PeftModel (task_type None, what we wrote) runs the base model without the soft prompt;
+    FEATURE_EXTRACTION applies it, as peft writes for a base model."""
+    family = "qwen2"
+    wrapper = PromptTuningModel(plain_ours(tiny, family, "base")).add_prompt("default", N).eval()
+    save_adapter(wrapper, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    ids, mask = inputs(family)
+    ref = peft.PeftModel.from_pretrained(load_hf(tiny.folder(family, "base"), family, "base"), str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, N:]
+    check(run_ours(wrapper, ids, mask), theirs, "hidden states")
+
+
+def test_a_prompt_whose_config_disagrees_with_its_tensor_is_refused(tiny, tmp_path):
+    """peft refuses it too; ours used the tensor's rows while eval.py checked the config's count."""
+    wrapper = PromptTuningModel(plain_ours(tiny, "gpt2", "causal-lm")).add_prompt("default", N)
+    save_adapter(wrapper, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 1}))
+    with pytest.raises(AdapterError, match=rf"adapter_config.json says num_virtual_tokens 1, tensor prompt_embeddings "
+                                           rf"has {N} rows$"):
+        load_adapter(plain_ours(tiny, "gpt2", "causal-lm"), tmp_path)

@@ -398,7 +398,7 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path, monkeypatch, task):
             return total / n * len(batch["labels"]), n
 
         monkeypatch.setattr(train, "loss_sum", micro_batch_mean)
-        monkeypatch.setattr(train, "count_targets", lambda batch, task: len(batch["labels"]))
+        monkeypatch.setattr(train, "count_targets", lambda batch, task, virtual: len(batch["labels"]))
         run(folder, dataset, tmp_path / "mean", "--batch-size", 4, "--grad-accum", 2, *common)
         mean = final_weights(tmp_path / "mean")
         assert max((trained[k] - mean[k]).abs().max().item() for k in trained) > 1e-3
@@ -1282,3 +1282,21 @@ def test_label_words_outside_generate_label_are_an_error(tiny, tmp_path):
                                              r"causal-lm$"):
         eval_cli.main(["--model", str(tiny.folder("gpt2", "causal-lm")), "--dataset", str(pairs), "--max-length", "32",
                        "--label-words", "no,yes"])
+
+
+@pytest.mark.parametrize("virtual", [0, 3])
+def test_the_loss_is_divided_by_the_tokens_it_sums(tiny, virtual):
+    """count_targets (the step's denominator) counts what next_token_nll sums over: with a soft prompt the first
+    token too, which its last virtual position predicts (as in peft)."""
+    from lora import PromptTuningModel
+
+    model = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")[0]
+    if virtual:
+        model = PromptTuningModel(model).add_prompt("default", virtual)
+    ids = torch.randint(10, 100, (2, 6))
+    labels = ids.clone()
+    labels[1, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        _, n = evaluation.next_token_nll(model, batch)
+    assert train.count_targets(batch, "causal-lm", virtual) == n == (10 if virtual else 9)  # 12 tokens, 2 unlabelled
