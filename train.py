@@ -7,12 +7,14 @@ The loop, top to bottom: AdamW on the trainable parameters only; linear or cosin
 warmup; gradient accumulation (the loss of an optimizer step is the sum over its micro-batches divided
 by the step's total number of examples, or label tokens, so 2 x 4 equals 8 exactly); clipping;
 evaluation every N steps with early stopping and the best weights kept; a checkpoint (trainable
-weights, optimizer, scheduler, RNG, data position) every N steps and on interruption, from which
---resume continues exactly. Data order is a fixed permutation per epoch (seed + epoch), so the data
-position is just (epoch, micro-batch index).
+weights, optimizer, scheduler, data position) every N steps and on interruption, from which --resume
+continues exactly. Data order is a fixed permutation per epoch (seed + epoch), so the data position is
+just (epoch, micro-batch index); each step seeds the random generator (dropout masks) from (seed, step,
+process), so the step number restores the RNG state too, on every process of a torchrun job.
 """
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from pathlib import Path
 
 import numpy as np
@@ -263,12 +265,12 @@ def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, state, rng):
+def save_checkpoint(folder, model, optimizer, scheduler, state):
     """Write atomically: a half-written checkpoint never replaces a good one."""
     tmp = Path(str(folder) + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2)
     if Path(folder).exists():
@@ -282,15 +284,25 @@ def save_checkpoint(folder, model, optimizer, scheduler, state, rng):
         os.replace(tmp, folder)
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "numpy": np.random.get_state()[1].tolist()}
+def step_seed(seed, step, rank):
+    """The random generator's seed for one optimizer step on one process. The ranks' batches differ in length,
+    so their generators drift apart; saving rank 0's state alone made a resumed torchrun job draw other masks."""
+    return hash((seed, step, rank)) % 2**63  # a tuple of ints hashes the same in every process
 
 
-def set_rng_state(rng):
-    torch.set_rng_state(rng["torch"])
-    random.setstate((3, tuple(rng["python"]), None))
-    state = np.random.get_state()
-    np.random.set_state((state[0], np.array(rng["numpy"], dtype=np.uint32), 624, 0, 0.0))
+@contextmanager
+def signals_deferred():
+    """Ctrl-C or SIGTERM within the block raises KeyboardInterrupt when the block ends: an optimizer step, its log
+    row and the state an interruption saves happen together, or not at all."""
+    caught = []
+    handlers = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # what may change when resuming: how long to train, how often to evaluate and save, and where the run is
@@ -298,14 +310,18 @@ MAY_CHANGE_ON_RESUME = {"resume", "epochs", "max_steps", "eval_every", "save_eve
                         "eval_batch_size", "output_dir"}
 
 
-def check_resume(args, out):
+def check_resume(args, out, world):
     """--resume needs the interrupted run's checkpoint and its arguments (args.json): other data, batches,
-    learning rate or model would not continue that run but silently start a different one from its middle."""
+    learning rate, model or number of processes would not continue that run but silently start a different one
+    from its middle."""
     if not (out / "checkpoint" / "state.json").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoint'}")
     if not (out / "args.json").is_file():
         return
     saved = read_json(out / "args.json")
+    if saved.get("processes", world) != world:  # the data position counts global batches of --batch-size x processes
+        raise LoadError(f"--resume: the interrupted run ran on {saved['processes']} process(es), this one on {world}; "
+                        f"resume it on {saved['processes']}")
     if args.lr is None:  # the interrupted run's default, resolved from its number of steps
         args.lr = saved.get("lr")
 
@@ -449,7 +465,7 @@ def main(argv=None):
     if out.exists() and not out.is_dir():
         raise LoadError(f"--output-dir {out} is a file; name a folder")
     if args.resume:
-        check_resume(args, out)
+        check_resume(args, out, world)
     else:
         check_not_interrupted(out)
     torch.manual_seed(args.seed)
@@ -463,7 +479,9 @@ def main(argv=None):
     cfg = read_config(folder)
     is_decoder = cfg["model_type"] in DECODERS
     task = args.task or data.infer_task(splits[args.train_split], is_decoder)
-    train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task, splits)
+    with nullcontext() if is_main else redirect_stderr(io.StringIO()):  # its notes once, from the first process
+        train_set, eval_set, test_set, names, words = prepare_data(args, Tokenizer.from_folder(folder, cfg), task,
+                                                                   splits)
     metric = args.metric or ("loss" if task == "causal-lm" else "accuracy")
     if metric not in metric_names(task, names):
         raise data.DataError(f"--metric {metric} is not one of the evaluation's metrics for {task}: "
@@ -492,9 +510,8 @@ def main(argv=None):
             raise damaged(out / "checkpoint" / "state.json", KeyError(", ".join(sorted(set(state) - set(saved_state)))))
         state = saved_state
     # both before the first evaluation, so that a wrong target name or an output folder that cannot be
-    # made fails at once
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    # made fails at once; the folder on every process, so that all stop (only the first writes into it)
+    out.mkdir(parents=True, exist_ok=True)
     model = add_method(args, model, tokenizer)
     if state["before"] is None:
         with disable_adapters(model):  # the base model (with --method none there is nothing to switch off)
@@ -532,20 +549,19 @@ def main(argv=None):
             saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-            set_rng_state(saved["rng"])
         except (RuntimeError, EOFError, KeyError, ValueError, TypeError) as e:  # torch.load's and the states' errors
             raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
     if is_main:
         with open(out / "args.json", "w", encoding="utf-8") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump(vars(args) | {"processes": world}, f, indent=2)
     log = open(out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if is_main else None
     autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) if args.autocast else nullcontext()
 
-    def checkpoint(rng):
+    def checkpoint():
         if is_main:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, rng)
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state)
 
     def evaluate_step():
         """Evaluate after this step, keep the best weights; whether early stopping ends the run."""
@@ -570,11 +586,11 @@ def main(argv=None):
         if stop and is_main:
             tqdm.write(f"early stopping: no better {metric} for {state['bad_evals']} evaluations")
         if stop or not args.save_every:
-            checkpoint(rng_state())
+            checkpoint()
         return stop
 
     epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
-    committed = (copy.deepcopy(state), rng_state())  # the last finished step: what an interruption saves
+    committed = copy.deepcopy(state)  # the last finished step: what an interruption saves
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
     started, eval_seconds[0] = time.time(), 0.0
     on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -582,6 +598,7 @@ def main(argv=None):
         stop = state["eval_due"] and evaluate_step()  # a run interrupted in an evaluation redoes it first
         while not stop and state["step"] < total_steps:
             model.train()
+            torch.manual_seed(step_seed(args.seed, state["step"], rank))
             if state["micro"] >= len(epoch_batches):
                 state["epoch"], state["micro"] = state["epoch"] + 1, 0
                 epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
@@ -606,33 +623,34 @@ def main(argv=None):
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # this step's
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0
-                                     or state["step"] >= total_steps)
-            committed = (copy.deepcopy(state), rng_state())
-            step_loss = all_sum(step_loss, world) / (denominator * world)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if log:
-                log.write(json.dumps({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": step_loss,
-                                      "lr": lr, "time": time.time() - started}) + "\n")
-                log.flush()
+            with signals_deferred():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0
+                                         or state["step"] >= total_steps)
+                step_loss = all_sum(step_loss, world) / (denominator * world)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                if log:
+                    log.write(json.dumps({"kind": "train", "step": state["step"], "epoch": state["epoch"],
+                                          "loss": step_loss, "lr": lr, "time": time.time() - started}) + "\n")
+                    log.flush()
+                committed = copy.deepcopy(state)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr "
                                          f"and start over in another --output-dir (or after deleting {out})")
             if state["eval_due"] and evaluate_step():
                 break
             if args.save_every and state["step"] % args.save_every == 0:
-                checkpoint(rng_state())
+                checkpoint()
     except KeyboardInterrupt:
         if is_main:
             print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
                   "run again with --resume to continue", file=sys.stderr)
-        state = committed[0]  # the weights and optimizer are still those of the last finished step
-        checkpoint(committed[1])
+        state = committed  # the weights and optimizer are still those of the last finished step
+        checkpoint()
         raise
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -688,7 +706,10 @@ def save_output(model, tokenizer, folder, args, names):
 if __name__ == "__main__":
     try:
         main()
-    except (LoadError, AdapterError, data.DataError, OSError, FloatingPointError) as e:  # OSError: a path and why
+    except (LoadError, AdapterError, data.DataError, FloatingPointError) as e:
+        # every process of a torchrun job reads the same files and the same all-reduced loss: one says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+    except OSError as e:  # a path and why, from whichever process met it
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
