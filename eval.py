@@ -130,9 +130,9 @@ def load_variant(args, folder, model_task, num_labels, entry):
     return model.eval(), tokenizer
 
 
-def adapter_task_types(entries):
-    """{entry: the task_type of its adapter_config.json (SEQ_CLS, CAUSAL_LM)}; base entries left out."""
-    return {e: read_json(Path(e) / CONFIG_FILE, AdapterError).get("task_type") for e in entries if e != "base"}
+def adapter_configs(entries):
+    """{entry: its adapter_config.json}, each read once; base entries have none ({})."""
+    return {e: {} if e == "base" else read_json(Path(e) / CONFIG_FILE, AdapterError) for e in entries}
 
 
 def check_can_generate(task_types, task=None):
@@ -191,13 +191,12 @@ def label_names(rows, task, folder, adapters, label_words):
     return names
 
 
-def check_lengths(args, cfg, entries, plain_text, rouge_prompt=None):
+def check_lengths(args, cfg, configs, plain_text, rouge_prompt=None):
     """Each entry's inputs fit the model: --max-length (or the perplexity --window) plus the tokens of a soft
     prompt, and with rouge_prompt (the longest prompt --rouge continues) that prompt, the soft prompt and
     --max-new-tokens; checked before any evaluation instead of failing inside the forward of a long example."""
     flag, tokens = ("--window", args.window) if plain_text and args.window else ("--max-length", args.max_length)
-    for entry in entries:
-        config = {} if entry == "base" else read_json(Path(entry) / CONFIG_FILE, AdapterError)
+    for entry, config in configs.items():
         virtual = config.get("num_virtual_tokens") if config.get("peft_type") == "PROMPT_TUNING" else 0
         virtual = virtual if isinstance(virtual, int) else 0  # a bad value is load_adapter's error to report
         of_entry = f" + {virtual} virtual tokens of {entry}" if virtual else ""
@@ -216,11 +215,10 @@ def label_of(entry, merge, full=False):
     return name + (" (merged)" if merge else "")
 
 
-def column_labels(entries, merge):
+def column_labels(entries, merge, configs):
     """One table column per entry: its short label, its path where two short labels clash, then a number.
     "(merged)" marks the LoRA adapters --merge merges (a soft prompt cannot be)."""
-    merged = [merge and e != "base" and read_json(Path(e) / CONFIG_FILE, AdapterError).get("peft_type") == "LORA"
-              for e in entries]
+    merged = [merge and configs[e].get("peft_type") == "LORA" for e in entries]
     labels = [label_of(e, m) for e, m in zip(entries, merged)]
     labels = [lab if labels.count(lab) == 1 else label_of(e, m, full=True) for lab, e, m in zip(labels, entries, merged)]
     return [lab if labels.count(lab) == 1 else f"{lab} #{labels[:i].count(lab) + 1}" for i, lab in enumerate(labels)]
@@ -231,7 +229,8 @@ def main(argv=None):
     for entry in args.adapters:  # all of them before the first evaluation, which may take minutes
         if entry != "base":
             check_adapter_folder(entry)
-    task_types = adapter_task_types(args.adapters)  # each config read once
+    configs = adapter_configs(args.adapters)
+    task_types = {e: c.get("task_type") for e, c in configs.items() if e != "base"}
     # freed activations are reused, quantized or not (quant/allocator.py): without gradients the peak is
     # the weights plus one layer's activations either way, and returning them to the OS made smollm2's
     # bbc_news perplexity 1.1 x (nf4) to 1.7 x (int8) slower for the same peak
@@ -261,7 +260,7 @@ def main(argv=None):
         write_json(args.json, results)
         return results
     if args.predict:
-        check_lengths(args, cfg, args.adapters[:1], plain_text=False)
+        check_lengths(args, cfg, {args.adapters[0]: configs[args.adapters[0]]}, plain_text=False)
         id2label = cfg.get("id2label")
         num_labels = head_labels(args.adapters[0]) or args.num_labels or (len(id2label) if isinstance(id2label, dict)
                                                                            else 2)
@@ -296,13 +295,11 @@ def main(argv=None):
     if not plain_text and (args.window or args.stride):
         raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "
                              + ("prompt/answer pairs" if task == "causal-lm" else f"{task} examples"))
-    check_lengths(args, cfg, args.adapters, plain_text)
-    if not plain_text:
-        examples = data.encode(rows, task, tokenizer, args.max_length, names, words, split)
-        if args.rouge:
-            check_lengths(args, cfg, args.adapters, plain_text, longest_rouge_prompt(examples, f"split {split!r}"))
+    examples = None if plain_text else data.encode(rows, task, tokenizer, args.max_length, names, words, split)
+    rouge_prompt = longest_rouge_prompt(examples, f"split {split!r}") if args.rouge else None  # pairs only
+    check_lengths(args, cfg, configs, plain_text, rouge_prompt)
     model_task = "seq-cls" if task == "seq-cls" else "causal-lm"
-    for entry, column in zip(args.adapters, column_labels(args.adapters, args.merge)):
+    for entry, column in zip(args.adapters, column_labels(args.adapters, args.merge, configs)):
         model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)
         if plain_text:
             window = args.window or args.max_length

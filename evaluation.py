@@ -25,10 +25,11 @@ def scored_labels(labels, virtual=0):
     return labels if virtual else labels[:, 1:]
 
 
-def next_token_nll(model, batch):
+def next_token_nll(model, batch, virtual=None):
     """(sum of next-token NLL over labelled positions, their count), computed by the model from its
-    hidden states at those positions only (no logits elsewhere, none materialised; models/fused.py)."""
-    virtual = getattr(getattr(model, "module", model), "virtual_tokens", 0)  # DDP keeps the model in .module
+    hidden states at those positions only (no logits elsewhere, none materialised; models/fused.py).
+    virtual: the tokens of the model's soft prompt (default: its virtual_tokens, 0 without one)."""
+    virtual = getattr(model, "virtual_tokens", 0) if virtual is None else virtual
     targets = scored_labels(batch["labels"], virtual)
     scored = targets != -100
     keep = F.pad(scored, (max(virtual - 1, 0), 1))  # (B, virtual + T): the positions whose next token is scored

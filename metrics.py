@@ -130,7 +130,8 @@ def f1_scores(predictions: Iterable, labels: Iterable, num_classes: int | None =
     """
     preds, gold = _as_lists(predictions, labels)
     scores = {"accuracy": accuracy(preds, gold), "f1": f1(preds, gold, "macro")}
-    if num_classes == 2 if num_classes is not None else set(preds) | set(gold) <= {0, 1}:
+    binary = set(preds) | set(gold) <= {0, 1} if num_classes is None else num_classes == 2
+    if binary:
         scores["f1_binary"] = f1(preds, gold, "binary", positive_label=1)
     return scores
 

@@ -219,12 +219,13 @@ def micro_batches(n_examples, batch_size, world, seed, epoch):
 
 # ---- loss -----------------------------------------------------------------------------------------
 
-def loss_sum(model, batch, task):
-    """Sum of the loss over the micro-batch and what it is summed over (examples or label tokens)."""
+def loss_sum(model, batch, task, virtual):
+    """Sum of the loss over the micro-batch and what it is summed over (examples or label tokens); `virtual`:
+    the soft prompt's tokens (model may be DistributedDataParallel, which does not pass on the attribute)."""
     if task == "seq-cls":
         logits = classify(model, batch)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), len(batch["labels"])
-    return next_token_nll(model, batch)
+    return next_token_nll(model, batch, virtual)
 
 
 def count_targets(batch, task, virtual):
@@ -551,6 +552,7 @@ def main(argv=None):
             scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, EOFError, KeyError, ValueError, TypeError) as e:  # torch.load's and the states' errors
             raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
+    virtual = getattr(model, "virtual_tokens", 0)  # a soft prompt's positions: its last one predicts the first token
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
     if is_main:
@@ -611,13 +613,12 @@ def main(argv=None):
                 mine = indices[rank * share:(rank + 1) * share] if world > 1 else indices
                 group.append(data.collate([train_set[i] for i in mine], tokenizer.pad_token_id))
                 state["micro"] += 1
-            denominator = all_sum(sum(count_targets(b, task, getattr(model, "virtual_tokens", 0)) for b in group),
-                                  world) / world
+            denominator = all_sum(sum(count_targets(b, task, virtual) for b in group), world) / world
             step_loss = 0.0
             for i, batch in enumerate(group):
                 sync = nullcontext() if ddp is None or i == len(group) - 1 else ddp.no_sync()
                 with sync, autocast:
-                    total, _ = loss_sum(train_model, batch, task)
+                    total, _ = loss_sum(train_model, batch, task, virtual)
                     (total / denominator).backward()
                 step_loss += total.item()
             if args.max_grad_norm > 0:

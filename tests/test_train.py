@@ -393,8 +393,8 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path, monkeypatch, task):
     if task == "causal-lm":  # the check can fail: weigh each micro-batch's mean token loss equally
         original = train.loss_sum
 
-        def micro_batch_mean(model, batch, task):
-            total, n = original(model, batch, task)
+        def micro_batch_mean(model, batch, task, virtual):
+            total, n = original(model, batch, task, virtual)
             return total / n * len(batch["labels"]), n
 
         monkeypatch.setattr(train, "loss_sum", micro_batch_mean)
@@ -411,9 +411,9 @@ def test_epochs_are_passes_over_the_data_with_accumulation(tiny, tmp_path, monke
     seen = []
     original = train.loss_sum
 
-    def recording(model, batch, task):
+    def recording(model, batch, task, virtual):
         seen.append(len(batch["labels"]))
-        return original(model, batch, task)
+        return original(model, batch, task, virtual)
 
     monkeypatch.setattr(train, "loss_sum", recording)
     dataset = keyword_dataset(tmp_path / "data", n_train=n_train)
@@ -1234,7 +1234,7 @@ def test_training_loss_of_sentence_pairs_is_transformers(tiny, tmp_path):
     model, tok = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS)
     batch = data.collate(data.encode(rows, "seq-cls", tok, 24, list(range(NUM_LABELS))), tok.pad_token_id)
     assert "token_type_ids" in batch and int(batch["token_type_ids"].max()) == 1
-    loss, count = train.loss_sum(model.train(False), batch, "seq-cls")
+    loss, count = train.loss_sum(model.train(False), batch, "seq-cls", 0)
     hf_tok = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     reference = hf_tok([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding=True, truncation=True,
                        max_length=24, return_tensors="pt")
