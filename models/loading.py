@@ -120,17 +120,21 @@ def check_positions(cfg, model_name, tokens, asked_by):
 
 
 def weight_files(folder):
+    """The checkpoint's weight files, chosen as transformers chooses them: model.safetensors, else the
+    shards model.safetensors.index.json lists. Other .safetensors files in the folder are not read."""
     folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LoadError(f"{index}: no weight_map (tensor name -> file)")
         return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise LoadError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded, for safety)")
-    return files
+    others = sorted(path.name for path in folder.glob("*.safetensors"))
+    if others:
+        raise LoadError(f"{folder} has no model.safetensors or model.safetensors.index.json (it has {', '.join(others)})")
+    raise LoadError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded, for safety)")
 
 
 def checkpoint_name_to_ours(key, ours, prefix):

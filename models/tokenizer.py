@@ -4,14 +4,19 @@ tokenizer.json holds the vocabulary, the normaliser/pre-tokeniser and the templa
 special tokens ([CLS] ... [SEP] for BERT); tokenizer_config.json and special_tokens_map.json name
 the special tokens. Padding and truncation stored inside tokenizer.json are ignored, as
 transformers ignores them: they are chosen per call. Decoders without a pad token pad with eos.
+A BERT tokenizer's normaliser (lowercasing, accents, Chinese characters) comes from tokenizer_config.json,
+as transformers 5 builds it, where the two files disagree.
 """
 import shutil
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.normalizers import BertNormalizer
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# transformers 5 builds these classes' normaliser from tokenizer_config.json, whatever tokenizer.json holds
+BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast")
 
 
 def _token_text(value):
@@ -50,6 +55,10 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception with its parser's message
             raise LoadError(f"{folder / 'tokenizer.json'}: the tokenizers library cannot read it ({e})") from None
         config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        if config.get("tokenizer_class") in BERT_TOKENIZER_CLASSES:
+            tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+                                            strip_accents=config.get("strip_accents"),
+                                            lowercase=config.get("do_lower_case", True))
         special = {name: _token_text(config.get(f"{name}_token")) for name in ("pad", "eos", "bos", "unk", "cls", "sep")}
         for name in ("eos", "bos", "pad"):  # fall back to the model config's ids (GPT-2 names none in its files)
             token_id = cfg.get(f"{name}_token_id")
@@ -124,5 +133,6 @@ class Tokenizer:
         """Copy the tokenizer files next to an adapter, so the output folder is self-contained."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         for name in FILES:
-            if self.folder is not None and (Path(self.folder) / name).is_file():
-                shutil.copy(Path(self.folder) / name, Path(folder) / name)
+            source = None if self.folder is None else Path(self.folder) / name
+            if source is not None and source.is_file() and (Path(folder) / name).resolve() != source.resolve():
+                shutil.copy(source, Path(folder) / name)

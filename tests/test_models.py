@@ -680,6 +680,76 @@ def test_sharded_checkpoint(tmp_path, family, task):
     assert_same_output(run_ours(model, ids), ref, task, torch.ones_like(ids))
 
 
+def test_model_safetensors_comes_before_an_index(tmp_path):
+    """transformers reads model.safetensors when the folder also holds a (stale) index and its shards."""
+    folder = tmp_path / "ck"
+    write_checkpoint(folder, "llama", "causal-lm", seed=11, max_shard_size="20KB")
+    shards = tmp_path / "shards"
+    shutil.copytree(folder, shards)
+    write_checkpoint(tmp_path / "single", "llama", "causal-lm", seed=12)
+    shutil.copy(tmp_path / "single" / "model.safetensors", folder / "model.safetensors")
+    model, _ = load_model(str(folder), task="causal-lm")
+    ids = random_ids("llama", 2, 7, seed=13)
+    ref = run_hf(load_hf(folder, "llama", "causal-lm"), "llama", "causal-lm", ids)
+    torch.testing.assert_close(run_ours(model, ids), ref, atol=1e-5, rtol=0)
+    stale = run_hf(load_hf(shards, "llama", "causal-lm"), "llama", "causal-lm", ids)
+    assert (ref - stale).abs().max() > 1, "the two checkpoints should differ"
+
+
+def test_other_safetensors_files_are_not_read(tiny, tmp_path):
+    folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
+    write_checkpoint(tmp_path / "other", "gpt2", "causal-lm", seed=21)
+    shutil.copy(tmp_path / "other" / "model.safetensors", folder / "model_v0.safetensors")  # sorts after model.
+    model, _ = load_model(str(folder), task="causal-lm")
+    ids = random_ids("gpt2", 2, 7, seed=13)
+    ref = run_hf(load_hf(folder, "gpt2", "causal-lm"), "gpt2", "causal-lm", ids)
+    torch.testing.assert_close(run_ours(model, ids), ref, atol=1e-5, rtol=0)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder), task="causal-lm")
+    assert "model_v0.safetensors" in one_line_error(e)
+
+
+def test_save_model_into_the_folder_it_came_from(tiny, tmp_path):
+    from models import save_model
+
+    folder = tiny.copy("bert", "base", tmp_path / "ck")
+    model, tok = load_model(str(folder), task="base")
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.add_(0.5)
+    ids = random_ids("bert", 2, 7, seed=13)
+    expected = run_ours(model, ids)
+    save_model(model, folder, tok)
+    reloaded, tok2 = load_model(str(folder), task="base")
+    torch.testing.assert_close(run_ours(reloaded, ids), expected, atol=0, rtol=0)
+    assert tok2.encode("the quick brown fox") == tok.encode("the quick brown fox")
+
+
+@pytest.mark.parametrize("tokenizer_json_lowercase,config", [
+    (True, {"do_lower_case": False}),
+    (False, {}),  # transformers' BertTokenizer lowercases by default
+    (True, {"tokenize_chinese_chars": False}),
+    (True, {"strip_accents": False}),
+    (False, {"do_lower_case": False, "strip_accents": True}),
+])
+def test_bert_tokenizer_normalizer_from_tokenizer_config(tiny, tmp_path, tokenizer_json_lowercase, config):
+    """transformers 5 builds a BertTokenizer's normalizer from tokenizer_config.json, not tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("bert", "base", tmp_path / "ck")
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"]["lowercase"] = tokenizer_json_lowercase
+    path.write_text(json.dumps(data))
+    path = folder / "tokenizer_config.json"
+    cfg = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("do_lower_case", "strip_accents")}
+    path.write_text(json.dumps({**cfg, "tokenizer_class": "BertTokenizer", **config}))
+    tok, hf = load_model(folder, task="base")[1], AutoTokenizer.from_pretrained(str(folder))
+    assert type(hf).__name__ == "BertTokenizer"
+    for text in ["The Quick brown fox jumps", "café Naïve 東京 the lazy dog"]:
+        assert tok.encode(text) == hf(text)["input_ids"], text
+
+
 @pytest.mark.parametrize("family,task", [("distilbert", "base"), ("bert", "seq-cls"), ("gpt2", "causal-lm"),
                                          ("qwen2", "causal-lm"), ("llama", "base")])
 def test_too_long_sequence(ours, family, task):
@@ -708,6 +778,8 @@ def test_a_damaged_file_is_one_line_naming_it(tiny, tmp_path, name):
     folder = tiny.copy("gpt2", "causal-lm", tmp_path / "model")
     content, message = DAMAGED_FILES[name]
     (folder / name).write_bytes(content)
+    if name == "model.safetensors.index.json":  # read only when there is no model.safetensors
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
     with pytest.raises(LoadError, match=f"^{re.escape(str(folder))}/{message}$") as e:
         load_model(folder, task="causal-lm")
     one_line_error(e)
