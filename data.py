@@ -17,6 +17,7 @@ Tasks:
 import argparse
 import csv
 import json
+import math
 import random
 import re
 import sys
@@ -29,6 +30,11 @@ TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("qu
                      ("question", "sentence"))
 PAIR_COLUMNS = (("question", "answer"), ("document", "summary"), ("prompt", "completion"))
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}  # as `datasets` names a folder's files
+SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(-[0-9a-f]+)?$")  # the Hub's train-00000-of-00002[-fingerprint]
+HUB_METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+UNREAD_DATA_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tsv", ".arrow")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
 DEFAULT_LABEL_WORDS = "negative,positive"  # generate-label's words for labels 0 and 1
 LABELS_FILE = "labels.json"  # {"labels": [...]} in head order: train.py writes it beside the adapter
@@ -51,7 +57,7 @@ class DataError(ValueError):
 def read_json_rows(path):
     """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is skipped
-        if path.suffix == ".json" and f.read(1) == "[":
+        if path.suffix.lower() == ".json" and f.read(4096).lstrip().startswith("["):
             f.seek(0)
             try:
                 rows, numbers = json.load(f), None
@@ -84,17 +90,22 @@ def read_file(path):
 
 
 def read_rows(path):
-    if path.suffix in (".jsonl", ".json"):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
         return read_json_rows(path)
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
-        # CSV has only strings; integer labels must stay integers, or "10" would sort between "1" and "2"
-        if rows and all(re.fullmatch(r"-?\d+", str(row.get("label"))) for row in rows):
-            for row in rows:
-                row["label"] = int(row["label"])
+            # an empty cell is a missing value, as `datasets` reads it (None), not an empty text
+            rows = [{k: v if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+        # CSV has only strings; numeric labels become numbers as `datasets` types the column (int64, else
+        # float64), so "10" does not sort between "1" and "2" and "1" and "1.0" are one class
+        for number, pattern in ((int, r"-?\d+"), (float, r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")):
+            if rows and all(re.fullmatch(pattern, str(row.get("label"))) for row in rows):
+                for row in rows:
+                    row["label"] = number(row["label"])
+                break
         return rows
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         import pyarrow  # comes with `datasets`
         import pyarrow.parquet as pq
 
@@ -125,20 +136,7 @@ def load_splits(dataset, config=None):
                             f"{', '.join(sorted(d.name for d in path.iterdir() if d.is_dir())) or 'none'}")
         path = path / config
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in FORMATS)
-        if not files:
-            configs = sorted(d.name for d in path.iterdir() if d.is_dir() and any(f.suffix in FORMATS for f in d.iterdir()))
-            raise DataError(f"{path} holds no {'/'.join(FORMATS)} files" + (
-                f"; its subfolders {', '.join(configs)} do: pick one with --dataset-config" if configs else ""))
-        splits, sources = {}, {}
-        for p in files:  # the Hub's shards (train-00000-of-00002.parquet, ...) are parts of one split
-            name = re.sub(r"-\d+-of-\d+$", "", p.stem)
-            if name in sources and sources[name].suffix != p.suffix:
-                raise DataError(f"{path}: split {name!r} is in two files, {sources[name].name} and {p.name}; "
-                                "keep one")
-            sources[name] = p
-            splits.setdefault(name, []).extend(read_file(p))
-        return splits
+        return read_folder(path)
     if path.is_file():
         return {"train": read_file(path)}
     if path.suffix in FORMATS or str(dataset).startswith((".", "/", "~")) or str(dataset).count("/") > 1:
@@ -153,6 +151,51 @@ def load_splits(dataset, config=None):
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a local folder of "
                         f"{'/'.join(FORMATS)} split files instead") from None
     return {name: list(split) for name, split in loaded.items()}
+
+
+def split_name(stem):
+    """The split a file stem names: the Hub's shard suffix (train-00000-of-00002, optionally with a fingerprint)
+    removed, and `datasets`' keywords (dev, valid, val; eval, testing; training) read as its three splits."""
+    name = SHARD_SUFFIX.sub("", stem)
+    return next((split for split, words in SPLIT_KEYWORDS.items() if name.lower() in words), name)
+
+
+def data_files(folder):
+    """The split files of a folder; an error for one that looks like data in a format not read here."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name in HUB_METADATA_FILES:
+            continue
+        if p.suffix.lower() in FORMATS:
+            files.append(p)
+        elif p.suffix.lower() in UNREAD_DATA_SUFFIXES:
+            raise DataError(f"{p}: {p.suffix} files are not read; convert it to one of {', '.join(FORMATS)}"
+                            + (" (decompress it)" if p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst", ".zip") else ""))
+    return files
+
+
+def read_folder(path):
+    """{split: rows} of a folder of split files, or of split subfolders (train/0000.parquet, ...)."""
+    files = data_files(path)
+    if not files:
+        subfolders = {d.name: data_files(d) for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        subfolders = {name: found for name, found in subfolders.items() if found}
+        if subfolders and all(split_name(name) in SPLIT_KEYWORDS for name in subfolders):
+            splits = {}
+            for name, found in subfolders.items():
+                if split_name(name) in splits:
+                    raise DataError(f"{path}: split {split_name(name)!r} is in two subfolders; keep one")
+                splits[split_name(name)] = [row for p in found for row in read_file(p)]
+            return splits
+        raise DataError(f"{path} holds no {'/'.join(FORMATS)} files" + (
+            f"; its subfolders {', '.join(subfolders)} do: pick one with --dataset-config" if subfolders else ""))
+    splits, sources = {}, {}
+    for p in files:  # the Hub's shards (train-00000-of-00002.parquet, ...) are parts of one split
+        name, source = split_name(p.stem), (SHARD_SUFFIX.sub("", p.stem), p.suffix)
+        if sources.setdefault(name, (source, p))[0] != source:
+            raise DataError(f"{path}: split {name!r} is in two files, {sources[name][1].name} and {p.name}; keep one")
+        splits.setdefault(name, []).extend(read_file(p))
+    return splits
 
 
 def pick_split(splits, wanted, fallbacks):
@@ -196,6 +239,11 @@ def infer_task(rows, is_decoder):
     raise DataError(f"cannot infer the task from columns {sorted(cols)}; pass --task")
 
 
+def is_missing(value):
+    """None (an empty CSV cell too) or NaN (pandas' and JSON's missing number)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def check_rows(rows, task, split):
     """Raise a DataError naming the problem if `rows` cannot serve `task`."""
     if not rows:
@@ -210,8 +258,8 @@ def check_rows(rows, task, split):
             raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
                             f"it has {', '.join(sorted(cols))}")
         for number, row in enumerate(rows):
-            missing = "label" if row.get("label") in (None, "") else next((c for c in texts if row.get(c) is None), None)
-            if missing:  # "": an empty CSV cell
+            missing = "label" if row.get("label") == "" else next((c for c in ("label",) + texts if is_missing(row.get(c))), None)
+            if missing:
                 raise DataError(f"split {split!r} row {number}: missing {missing}")
             if not isinstance(row["label"], (str, int, float)):  # bool is an int
                 raise DataError(f"split {split!r} row {number}: label {row['label']!r} is not one class "
@@ -222,7 +270,7 @@ def check_rows(rows, task, split):
                             f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); it has {', '.join(sorted(cols))}")
         columns = pair_columns(rows) or (text_column(rows),)
         for number, row in enumerate(rows):
-            missing = next((c for c in columns if row.get(c) is None), None)  # str(None) would train on "None"
+            missing = next((c for c in columns if is_missing(row.get(c))), None)  # str(None) would train on "None"
             if missing:
                 raise DataError(f"split {split!r} row {number}: missing {missing}")
     else:
@@ -237,32 +285,50 @@ def check_rouge(task, rows, split):
                         f"({', '.join('/'.join(p) for p in PAIR_COLUMNS)}); {why}")
 
 
+def class_of(label):
+    """The class a label names, one key whatever type the file stored it as: True, 1.0, "1" and "1.0" are 1
+    (a JSON string beside a CSV number), other strings and fractions are as they are."""
+    if isinstance(label, float) and label.is_integer():
+        return int(label)
+    if isinstance(label, str) and re.fullmatch(r"-?\d+(\.0*)?", label):
+        return int(float(label))
+    return int(label) if isinstance(label, bool) else label
+
+
+def labelled(rows):
+    """The classes of rows. -1 marks a row without a label (GLUE's test splits; a Hub ClassLabel's missing
+    value) when it stands alone or beside class ids from 0; beside {1}, as in -1/1 sentiment, it is a class."""
+    classes = {class_of(row.get("label")) for row in rows if not is_missing(row.get("label")) and row.get("label") != ""}
+    return classes - {-1} if classes == {-1} or 0 in classes else classes
+
+
 def label_names(rows_by_split):
-    """Sorted distinct labels over all splits; int labels name the ids 0..max (as a Hub ClassLabel does)."""
-    labels = {row["label"] for rows in rows_by_split for row in rows} - {-1}  # -1: GLUE's unlabelled test rows
-    if labels and all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
-        return list(range(max(labels) + 1))
-    return sorted(map(str, labels))
+    """Sorted distinct classes over all labelled splits; labels that are all integers from 0 name the ids
+    0..max (as a Hub ClassLabel does), other integers keep their values, anything else is named as a string."""
+    classes = set().union(*map(labelled, rows_by_split))
+    if classes and all(isinstance(c, int) for c in classes):
+        return list(range(max(classes) + 1)) if min(classes) >= 0 else sorted(classes)
+    return sorted(map(str, classes))
 
 
 def check_classes(rows, split):
     """Training a classifier needs two classes or more among the labels."""
-    labels = {row["label"] for row in rows} - {-1}
-    if len(labels) < 2:
-        raise DataError(f"split {split!r} has {'one label' if labels else 'no labels'} "
-                        f"({', '.join(map(repr, labels))}); training a classifier needs two or more")
+    classes = labelled(rows)
+    if len(classes) < 2:
+        raise DataError(f"split {split!r} has {'one label' if classes else 'no labels'} "
+                        f"({', '.join(map(repr, classes))}); training a classifier needs two or more")
 
 
 def label_ids(rows, names, split):
-    index = {name: i for i, name in enumerate(names)}
+    index = {name if isinstance(name, int) else str(class_of(name)): i for i, name in enumerate(names)}
     by_name = any(isinstance(name, str) for name in names)  # label_names: ids only when every label is an int
     ids = []
     for number, row in enumerate(rows):
         label = row["label"]
-        key = str(label) if by_name or not isinstance(label, int) else label
+        key = str(class_of(label)) if by_name else class_of(label)
         if key not in index:
             unlabelled = "; -1 marks a row without a label, as in GLUE's test splits: use a labelled split" \
-                if label == -1 else ""
+                if class_of(label) == -1 else ""
             raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
                             f"(expected one of {names}){unlabelled}")
         ids.append(index[key])

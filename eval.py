@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="Hub name or local folder/file (see train.py)")
     p.add_argument("--dataset-config", default=None, help="configuration of a Hub dataset that has several (glue: "
                    "mrpc, rte, ...), or that subfolder of a local dataset folder")
-    p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test, else validation, else train)")
     p.add_argument("--task", choices=data.TASKS, default=None, help="inferred from the model and dataset when omitted")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N rows of the split (all when omitted)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated; "
@@ -173,19 +173,25 @@ def saved_labels(folder, adapters):
     return saved[0] if saved else None
 
 
-def label_names(rows, task, folder, adapters, label_words):
+def label_names(rows, split, task, folder, adapters, label_words):
     """The label of each head output: as train.py saved them (labels.json beside the adapter or fine-tuned
-    model), else from the split. Integer labels are then ids 0..K-1, K the most of: the split's largest
-    label + 1, the adapters' heads, the label words; so a split (or --samples) lacking a class still fits."""
+    model), else from the whole split (not only --samples' rows). Labels 0.. are then ids 0..K-1, K the most
+    of: the split's largest label + 1, the adapters' heads, the label words; so a split lacking a class still
+    fits."""
     saved = saved_labels(folder, adapters)
     heads = {n for n in map(head_labels, adapters) if n}
     if len(heads) > 1:
         raise AdapterError(f"the adapters' classification heads have different numbers of labels: {sorted(heads)}")
     head = next(iter(heads), None)
     names = saved or data.label_names([rows])  # encoding checks that each row's label is one of them
-    if not saved and isinstance(names[0], int):
+    if not saved and names == list(range(len(names))):
         words = len(label_words.split(",")) if task == "generate-label" else 0
         names = list(range(max(len(names), words, head or 0)))
+    if not names:
+        raise data.DataError(f"split {split!r} has no labels: -1 marks a row without a label, as in GLUE's test "
+                             "splits; use a labelled split")
+    if len(names) < 2:
+        raise data.DataError(f"split {split!r} has one label ({names[0]!r}); a classifier needs two or more")
     if head and len(names) != head:
         raise data.DataError(f"the split has {len(names)} labels {names}, the adapter's classification head {head}")
     return names
@@ -278,6 +284,9 @@ def main(argv=None):
 
     splits = data.load_splits(args.dataset, args.dataset_config)
     split = data.pick_split(splits, args.split, ("test", "validation", "train"))
+    if split is None:
+        raise data.DataError(f"the dataset has no test, validation or train split (it has {', '.join(splits)}); "
+                             "pick one with --split")
     rows = splits[split][:args.samples]
     task = args.task or infer_task(rows, is_decoder, task_types)
     if task != "seq-cls":
@@ -289,7 +298,8 @@ def main(argv=None):
     if args.rouge:
         data.check_rouge(task, rows, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
-    names = label_names(rows, task, folder, args.adapters, args.label_words) if task != "causal-lm" else None
+    names = label_names(splits[split], split, task, folder, args.adapters, args.label_words) if task != "causal-lm" \
+        else None
     words = data.parse_label_words(args.label_words, names, task)
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
     if not plain_text and (args.window or args.stride):

@@ -145,7 +145,8 @@ def parse_args(argv=None):
             p.error(f"{', '.join(changed)} {'applies' if len(changed) == 1 else 'apply'} to --method {method} only, "
                     f"not to --method {args.method}")
     if args.output_dir is None:
-        dataset = Path(args.dataset).name + (f"-{args.dataset_config}" if args.dataset_config else "")
+        dataset = Path(args.dataset).resolve().name if Path(args.dataset).exists() else Path(args.dataset).name
+        dataset += f"-{args.dataset_config}" if args.dataset_config else ""
         model = Path(args.model).resolve().name if Path(args.model).exists() else Path(args.model).name  # "." too
         args.output_dir = str(Path("runs") / f"{model}-{dataset}-{args.method}")
     return args

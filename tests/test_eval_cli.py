@@ -644,3 +644,39 @@ def test_rouge_on_an_empty_prompt_is_one_line(tiny, tmp_path):
     with pytest.raises(DataError, match=r"^row 1 of split 'test' has an empty prompt: --rouge has nothing to "
                                         r"generate from$"):
         run_eval("--model", folder, "--dataset", dataset, "--rouge", "--max-length", 32)
+
+
+def test_the_labels_of_a_base_model_come_from_the_whole_split(tiny, tmp_path):
+    """--samples cutting a sorted split to one class used to build a 1-output head: accuracy 1, loss 0."""
+    rows = sorted(keyword_rows(12, 2, seed=3), key=lambda r: r["label"])
+    dataset = write_jsonl(tmp_path / "sorted", "test", rows)
+    folder = tiny.folder("distilbert", "base")
+    cut = run_eval("--model", folder, "--dataset", dataset, "--samples", 4, "--max-length", MAX_LENGTH)["base"]
+    # the reference: the same seeded 2-label head through --predict, its probabilities scored by hand
+    predicted = run_eval("--model", folder, "--num-labels", 2, "--max-length", MAX_LENGTH, "--predict",
+                         *[r["text"] for r in rows[:4]])
+    probs = torch.tensor([r["probabilities"] for r in predicted])
+    labels = torch.tensor([r["label"] for r in rows[:4]])
+    assert labels.tolist() == [0] * 4
+    assert cut["accuracy"] == (probs.argmax(-1) == labels).float().mean().item()
+    assert cut["loss"] == pytest.approx(F.nll_loss(probs.log(), labels).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([{"text": "a", "label": 0}, {"text": "b", "label": 0}], r"^split 'test' has one label \(0\); a classifier needs "
+                                                              r"two or more$"),
+    ([{"text": "a", "label": "pos"}], r"^split 'test' has one label \('pos'\); a classifier needs two or more$"),
+    ([{"text": "a", "label": -1}], r"^split 'test' has no labels: -1 marks a row without a label, as in GLUE's test "
+                                   r"splits; use a labelled split$"),
+])
+def test_a_split_without_two_labels_is_one_line(tiny, tmp_path, rows, message):
+    dataset = write_jsonl(tmp_path / "data", "test", rows)
+    with pytest.raises(data.DataError, match=message):
+        run_eval("--model", tiny.folder("distilbert", "base"), "--dataset", dataset, "--max-length", MAX_LENGTH)
+
+
+def test_a_folder_without_test_validation_or_train_is_one_line(tiny, tmp_path):
+    dataset = write_jsonl(tmp_path / "data", "reviews", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    with pytest.raises(data.DataError, match=r"^the dataset has no test, validation or train split \(it has "
+                                             r"reviews\); pick one with --split$"):
+        run_eval("--model", tiny.folder("distilbert", "base"), "--dataset", dataset, "--max-length", MAX_LENGTH)

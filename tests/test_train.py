@@ -1342,3 +1342,89 @@ def test_a_signal_within_a_step_stops_the_run_after_its_log_row(signum):
             os.kill(os.getpid(), signum)
             done.append("the rest of the block")
     assert done == ["the rest of the block"] and signal.getsignal(signum) is handler
+
+
+def test_more_layouts_read_as_datasets_reads_them(tmp_path):
+    """datasets.load_dataset is the reference: dev / valid / eval files are the validation and test splits (dev
+    used to be a split of its own, so training picked test to select on), shards with the Hub's older fingerprint
+    suffix are one split, split subfolders (train/0000.parquet) are splits, a metadata file, a hidden file, an
+    upper-case suffix and a JSON array after a newline read as datasets reads them, and an empty CSV cell is a
+    missing value (None)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"review number {i}", "label": i % 2} for i in range(12)]
+    layouts = {name: tmp_path / name for name in ("dev", "fingerprint", "subfolders", "extras")}
+    for folder in layouts.values():
+        folder.mkdir()
+    write_jsonl(layouts["dev"], "train", rows)
+    write_jsonl(layouts["dev"], "dev", rows[:4])
+    write_jsonl(layouts["dev"], "eval", rows[4:8])
+    pq.write_table(pa.Table.from_pylist(rows), layouts["fingerprint"] / "train-00000-of-00001-a09b74b3ef9c3b56.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:3]), layouts["fingerprint"] / "test-00000-of-00001-5c7d0f1e2b3a4c6d.parquet")
+    for split, part in (("train", rows), ("test", rows[:5])):
+        (layouts["subfolders"] / split).mkdir()
+        pq.write_table(pa.Table.from_pylist(part), layouts["subfolders"] / split / "0000.parquet")
+    write_jsonl(layouts["extras"], "train", rows)
+    (layouts["extras"] / "test.json").write_text("\n" + json.dumps(rows[:3], indent=1))
+    (layouts["extras"] / "dataset_info.json").write_text(json.dumps({"description": "x", "splits": {}}, indent=2))
+    (layouts["extras"] / "._train.jsonl").write_bytes(b"\x00\x05\x16\x07\xff\xfe")  # macOS resource fork
+    for name, folder in layouts.items():
+        reference = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))
+        ours = data.load_splits(folder)
+        assert set(ours) == set(reference), name
+        for split in ours:
+            assert ours[split] == list(reference[split]), (name, split)
+    (layouts["extras"] / "train.jsonl").rename(layouts["extras"] / "train.JSONL")  # `datasets` does not read it
+    assert data.load_splits(layouts["extras"])["train"] == rows
+    csv_folder = tmp_path / "csv"
+    csv_folder.mkdir()
+    (csv_folder / "train.csv").write_text("text,label\nfine,1\n,0\nbad,1.0\n", encoding="utf-8")
+    reference = list(datasets.load_dataset(str(csv_folder), cache_dir=str(tmp_path / "hf-cache"))["train"])
+    assert data.load_splits(csv_folder)["train"] == reference == [
+        {"text": "fine", "label": 1.0}, {"text": None, "label": 0.0}, {"text": "bad", "label": 1.0}]
+    with pytest.raises(data.DataError, match=r"^split 'train' row 1: missing text$"):
+        data.check_rows(reference, "seq-cls", "train")
+    (layouts["dev"] / "test.jsonl.gz").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"test\.jsonl\.gz: \.gz files are not read; convert it to one of "
+                                             r"\.jsonl, \.json, \.csv, \.parquet \(decompress it\)$"):
+        data.load_splits(layouts["dev"])
+    write_jsonl(layouts["fingerprint"], "validation", rows[:2])
+    write_jsonl(layouts["fingerprint"], "valid", rows[:2])
+    with pytest.raises(data.DataError, match=r"split 'validation' is in two files, valid.jsonl and validation.jsonl"):
+        data.load_splits(layouts["fingerprint"])
+
+
+@pytest.mark.parametrize("labels,names,ids", [
+    ([0, "1", 1, "0"], [0, 1], [0, 1, 1, 0]),  # a JSON string and a number are one class (were four)
+    ([1.0, 0, "1.0", True], [0, 1], [1, 0, 1, 1]),
+    ([-1, 1, 1, -1], [-1, 1], [0, 1, 1, 0]),  # -1 / 1 sentiment: -1 is a class (was "one label (1)")
+    (["pos", "neg", "pos", "neg"], ["neg", "pos"], [1, 0, 1, 0]),
+])
+def test_labels_are_classes_whatever_type_stores_them(labels, names, ids):
+    rows = [{"text": "x", "label": label} for label in labels]
+    data.check_classes(rows, "train")
+    assert data.label_names([rows]) == names
+    assert data.label_ids(rows, names, "train") == ids
+
+
+def test_nan_labels_and_texts_are_missing(tmp_path):
+    """Python's json writes a missing float as NaN; it was read as the class "nan" and the text "nan"."""
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": float("nan")}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing label$"):
+        data.check_rows(data.load_splits(folder)["train"], "seq-cls", "train")
+    rows[2] = {"text": float("nan"), "label": 1}
+    with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing text$"):
+        data.check_rows(rows, "seq-cls", "train")
+    with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing text$"):
+        data.check_rows(rows, "causal-lm", "train")
+
+
+def test_default_output_dir_names_a_dataset_given_as_dot(tmp_path, monkeypatch):
+    (tmp_path / "rt").mkdir()
+    monkeypatch.chdir(tmp_path / "rt")
+    assert train.parse_args(["--model", "m", "--dataset", "."]).output_dir == str(Path("runs") / "m-rt-lora")
