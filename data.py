@@ -34,7 +34,8 @@ SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "
                   "test": ("test", "testing", "eval", "evaluation")}  # as `datasets` names a folder's files
 SHARD_SUFFIX = re.compile(r"-\d+-of-\d+(-[0-9a-f]+)?$")  # the Hub's train-00000-of-00002[-fingerprint]
 HUB_METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
-UNREAD_DATA_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tsv", ".arrow")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+UNREAD_DATA_SUFFIXES = COMPRESSED + (".tsv", ".arrow")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
 DEFAULT_LABEL_WORDS = "negative,positive"  # generate-label's words for labels 0 and 1
 LABELS_FILE = "labels.json"  # {"labels": [...]} in head order: train.py writes it beside the adapter
@@ -170,7 +171,7 @@ def data_files(folder):
             files.append(p)
         elif p.suffix.lower() in UNREAD_DATA_SUFFIXES:
             raise DataError(f"{p}: {p.suffix} files are not read; convert it to one of {', '.join(FORMATS)}"
-                            + (" (decompress it)" if p.suffix.lower() in (".gz", ".bz2", ".xz", ".zst", ".zip") else ""))
+                            + (" (decompress it)" if p.suffix.lower() in COMPRESSED else ""))
     return files
 
 
@@ -178,7 +179,8 @@ def read_folder(path):
     """{split: rows} of a folder of split files, or of split subfolders (train/0000.parquet, ...)."""
     files = data_files(path)
     if not files:
-        subfolders = {d.name: data_files(d) for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        subfolders = {d.name: data_files(d) for d in sorted(path.iterdir())
+                      if d.is_dir() and not d.name.startswith(".")}
         subfolders = {name: found for name, found in subfolders.items() if found}
         if subfolders and all(split_name(name) in SPLIT_KEYWORDS for name in subfolders):
             splits = {}
@@ -244,6 +246,11 @@ def is_missing(value):
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def no_label(value):
+    """A missing value, or an empty label (the texts of a plain-text corpus may be empty)."""
+    return is_missing(value) or value == ""
+
+
 def check_rows(rows, task, split):
     """Raise a DataError naming the problem if `rows` cannot serve `task`."""
     if not rows:
@@ -258,7 +265,8 @@ def check_rows(rows, task, split):
             raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
                             f"it has {', '.join(sorted(cols))}")
         for number, row in enumerate(rows):
-            missing = "label" if row.get("label") == "" else next((c for c in ("label",) + texts if is_missing(row.get(c))), None)
+            missing = "label" if no_label(row.get("label")) else \
+                next((c for c in texts if is_missing(row.get(c))), None)
             if missing:
                 raise DataError(f"split {split!r} row {number}: missing {missing}")
             if not isinstance(row["label"], (str, int, float)):  # bool is an int
@@ -298,7 +306,7 @@ def class_of(label):
 def labelled(rows):
     """The classes of rows. -1 marks a row without a label (GLUE's test splits; a Hub ClassLabel's missing
     value) when it stands alone or beside class ids from 0; beside {1}, as in -1/1 sentiment, it is a class."""
-    classes = {class_of(row.get("label")) for row in rows if not is_missing(row.get("label")) and row.get("label") != ""}
+    classes = {class_of(row.get("label")) for row in rows if not no_label(row.get("label"))}
     return classes - {-1} if classes == {-1} or 0 in classes else classes
 
 
