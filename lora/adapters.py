@@ -63,6 +63,9 @@ class LoraConfig:
     extra: dict = field(default_factory=dict, repr=False)  # fields of a loaded peft config we carry along
 
     def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):  # peft's configs hold sets too
+            if isinstance(getattr(self, name), (set, frozenset, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -74,6 +77,9 @@ class LoraConfig:
         if isinstance(self.target_modules, str) and (layers is not None or self.layers_pattern is not None):
             raise AdapterError("layers_to_transform / layers_pattern need target_modules as a list of names; a "
                                f"regex or 'all-linear' ({self.target_modules!r}) picks the layers itself (as peft)")
+        if self.layers_pattern is not None and layers is None:
+            raise AdapterError("layers_pattern needs layers_to_transform: it names where the layer indices are (as "
+                               "peft requires)")
         if self.init not in ("kaiming", "gaussian"):
             raise AdapterError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -219,6 +225,8 @@ def apply_lora(model, config=None, adapter_name="default"):
     registry = getattr(model, "peft_config", {})
     if adapter_name in registry:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
+    if config.target_modules is not None and not config.target_modules:
+        raise AdapterError("target_modules is empty; name the layers to adapt (or pass None for the defaults)")
     targets = config.target_modules or DEFAULT_TARGETS.get(model_type(model))
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = all_linear(model)  # saved as the full names, as peft saves them
@@ -240,6 +248,18 @@ def apply_lora(model, config=None, adapter_name="default"):
     if not chosen:
         raise AdapterError(f"target modules {targets!r} match no linear layer of this {model_type(model)} model; "
                            f"its linear layers are named: {', '.join(short_names(available))}")
+    other = next(((name, m) for name, m in outside_wrappers(model)
+                  if not is_linear(m) and targeted(name, targets, config)
+                  and not any((name + ".").startswith(h) for h in trained_in_full)), None)
+    if other:  # peft refuses it too (or adapts an embedding, which this project does not)
+        raise AdapterError(f"target modules {targets!r} match {other[0]} ({type(other[1]).__name__}), which is not a "
+                           "linear layer: LoRA here adapts nn.Linear and GPT-2's Conv1D only")
+    for name in head_names(model, save):
+        inner = next((type(m).__name__ for m in model.get_submodule(name).modules()
+                      if isinstance(m, LoRALinear) or hasattr(m, "dequantized_weight")), None)
+        if inner:  # peft: "modules_to_save cannot be applied to modules of type ..."
+            raise AdapterError(f"modules_to_save selects {name}, which holds a {inner}; a layer with LoRA or a "
+                               "quantized layer cannot also be trained in full")
     if not registry:
         model.requires_grad_(False)
     for name in chosen:
@@ -311,8 +331,8 @@ def delete_adapter(model, name):
             del head.modules_to_save[name]
             head.set_adapter(head.active_adapter if head.active_adapter != name else None)
     del model.peft_config[name]
-    if model.active_adapter == name:
-        model.active_adapter = next(iter(model.peft_config), None)
+    if model.active_adapter == name:  # peft activates the first remaining adapter in name order
+        model.active_adapter = min(model.peft_config, default=None)
         if model.active_adapter:
             set_adapter(model, model.active_adapter)
 
@@ -467,11 +487,11 @@ def save_adapter(model, folder, adapter_name=None):
 
 def write_adapter_files(folder, config, state):
     folder = Path(folder)
+    text = json.dumps(config, indent=2)  # a config that cannot be written fails before any file is touched
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
               metadata={"format": "pt"})
-    with open(folder / CONFIG_FILE, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
 def check_adapter_folder(folder):
@@ -498,6 +518,7 @@ UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "target_parameters"
                "monteclora_config", "kasa_config", "megatron_config")
 # initialisations that also rewrite the base weights, so the adapter only fits the rewritten base
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+FROZEN_B_INITS = ("mica",)  # lora_B stays frozen in training: a different adapter to train
 
 
 def config_from_peft(peft):
@@ -511,6 +532,9 @@ def config_from_peft(peft):
         raise AdapterError(f"adapter_config.json has init_lora_weights={init!r}, which also changes the base "
                            "weights; convert it to a plain LoRA adapter with peft first (save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=...))")
+    if isinstance(init, str) and init.lower() in FROZEN_B_INITS:
+        raise AdapterError(f"adapter_config.json has init_lora_weights={init!r}, which trains lora_A only (lora_B "
+                           "frozen); this project trains both, so it does not load it")
     fields = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
               "use_rslora": "use_rslora", "use_dora": "use_dora", "exclude_modules": "exclude_modules",
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern"}

@@ -804,3 +804,96 @@ def test_setting_or_adding_an_adapter_while_merged_unmerges_like_peft(tiny):
     second = run_ours(ours, ids, mask)
     check_logits(second, run_ref(ref.eval(), ids, mask), "second adapter set while the first was merged")
     assert_differs(second, first, "second vs first")
+
+
+def test_deleting_the_active_adapter_activates_the_first_by_name_as_peft(tiny):
+    names = ["zeta", "beta", "alpha"]
+    ours, ref = plain_ours(tiny, "qwen2", "causal-lm"), None
+    for name in names:
+        apply_lora(ours, LoraConfig(r=R, alpha=ALPHA, target_modules=["q_proj", "v_proj"]), name)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+        if ref is None:
+            ref = peft.get_peft_model(plain_hf(tiny, "qwen2", "causal-lm"), config, adapter_name=name)
+        else:
+            ref.add_adapter(name, config)
+    ours.eval(), ref.eval()
+    randomize(ours)
+    copy_ours_to_ref(ours, ref)
+    delete_adapter(ours, "zeta")
+    ref.delete_adapter("zeta")
+    assert ours.active_adapter == ref.active_adapter == "alpha"  # was "beta", the next one added
+    ids, mask = inputs("qwen2")
+    check_logits(run_ours(ours, ids, mask), run_ref(ref, ids, mask), "after deleting the active adapter")
+    assert trainable_names(ours) == trainable_names(ref, PEFT_PREFIX)
+
+
+def test_a_layer_with_lora_cannot_be_trained_in_full_by_another_adapter(tiny, tmp_path):
+    """peft refuses modules_to_save on a LoRA layer; ours used to copy the LoRA layer, so the first adapter's file
+    then held tensors that neither peft nor load_adapter could place."""
+    ours = apply_lora(plain_ours(tiny, "gpt2", "seq-cls"),
+                      LoraConfig(r=R, alpha=ALPHA, target_modules=["c_attn", "score"], modules_to_save=[]), "a")
+    ref = peft.get_peft_model(plain_hf(tiny, "gpt2", "seq-cls"),  # no task type: peft would add the head itself
+                              peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["c_attn", "score"]), adapter_name="a")
+    second = dict(r=2, target_modules=["c_attn"], modules_to_save=["score"])
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+        ref.add_adapter("b", peft.LoraConfig(lora_alpha=4, **second))
+    with pytest.raises(AdapterError, match=r"^modules_to_save selects score, which holds a LoRALinear; a layer with "
+                                           r"LoRA or a quantized layer cannot also be trained in full$"):
+        apply_lora(ours, LoraConfig(alpha=4, **second), "b")
+    assert list(ours.peft_config) == ["a"] and not any(isinstance(m, ModulesToSave) for m in ours.modules())
+    save_adapter(ours, tmp_path / "a", "a")
+    load_adapter(plain_ours(tiny, "gpt2", "seq-cls"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("targets,peft_error", [
+    (["c_attn", "ln_1"], "is not supported"),  # peft: Target module LayerNorm(...) is not supported
+    ("transformer.h.0.(attn.c_attn|ln_1)", "is not supported"),
+    (["c_attn", "wte"], None),  # peft adapts the embedding; this project has no LoRA embedding
+])
+def test_targets_that_name_other_layers_are_refused(tiny, targets, peft_error):
+    """A non-linear module among the targets used to be skipped without a word (and kept in the saved config)."""
+    if peft_error:
+        with pytest.raises(ValueError, match=peft_error):
+            peft.get_peft_model(plain_hf(tiny, "gpt2", "causal-lm"),
+                                peft.LoraConfig(task_type="CAUSAL_LM", r=R, target_modules=targets))
+    model = plain_ours(tiny, "gpt2", "causal-lm")
+    with pytest.raises(AdapterError, match=r"match transformer\.(h\.0\.ln_1 \(LayerNorm\)|wte \(Embedding\)), which is "
+                                           r"not a linear layer: LoRA here adapts nn\.Linear and GPT-2's Conv1D only$"):
+        apply_lora(model, LoraConfig(r=R, target_modules=targets))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(target_modules=[]), r"target_modules is empty"),  # it used to fall back to the default targets
+    (dict(target_modules=["q_proj"], layers_pattern="layers"), r"layers_pattern needs layers_to_transform"),
+])
+def test_configs_peft_refuses_are_refused(tiny, fields, message):
+    with pytest.raises(ValueError):
+        peft.get_peft_model(plain_hf(tiny, "qwen2", "causal-lm"), peft.LoraConfig(task_type="CAUSAL_LM", r=R, **fields))
+    with pytest.raises(AdapterError, match=message):
+        apply_lora(plain_ours(tiny, "qwen2", "causal-lm"), LoraConfig(r=R, **fields))
+
+
+def test_targets_given_as_a_set_save_as_peft_saves_them(tiny, tmp_path):
+    """peft's LoraConfig holds target_modules as a set; saving ours failed after the weights were written, leaving
+    an adapter_config.json cut off mid-way."""
+    ours = apply_lora(plain_ours(tiny, "qwen2", "causal-lm"), LoraConfig(r=R, target_modules={"v_proj", "q_proj"}))
+    randomize(ours)
+    save_adapter(ours, tmp_path / "a")
+    assert read_config(tmp_path / "a")["target_modules"] == ["q_proj", "v_proj"]
+    ref = peft.PeftModel.from_pretrained(plain_hf(tiny, "qwen2", "causal-lm"), str(tmp_path / "a")).eval()
+    ids, mask = inputs("qwen2")
+    check_logits(run_ours(ours.eval(), ids, mask), run_ref(ref, ids, mask), "set targets through peft")
+    ours.peft_config["default"].extra["note"] = object()  # a config JSON cannot hold
+    with pytest.raises(TypeError):
+        save_adapter(ours, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_mica_adapter_is_refused(tiny, tmp_path):
+    """MiCA trains lora_A only; loaded here its lora_B trained too, and a re-save dropped "mica"."""
+    ref = peft.get_peft_model(plain_hf(tiny, "qwen2", "causal-lm"), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=R, target_modules=["q_proj"], init_lora_weights="mica"))
+    ref.save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterError, match=r"init_lora_weights='mica', which trains lora_A only"):
+        load_adapter(plain_ours(tiny, "qwen2", "causal-lm"), tmp_path)
