@@ -191,7 +191,7 @@ class LoRALinear(nn.Module):
             return _FrozenLinearWithLoRA.apply(x, x_lora, self._base_weight(), base.bias, self.lora_A[name].weight,
                                                self.lora_B[name].weight, self.scaling[name]).view(shape)
         result = self.base_layer(x)  # (N, out)
-        result_dtype = result.dtype
+        result_dtype, quantized = result.dtype, hasattr(self.base_layer, "dequantized_weight")
         for name in self.active_adapters:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             scale, dropout = self.scaling[name], self.lora_dropout[name]
@@ -199,6 +199,9 @@ class LoRALinear(nn.Module):
             x_lora = dropout(x) if use_dropout else x
             h = F.linear(x_lora.to(A.dtype), A)  # (N, rank); under autocast in its dtype
             if name not in self.lora_magnitude_vector:
+                if h.dtype != result.dtype and quantized:  # peft's bitsandbytes layers round the term, then add
+                    result = result + (scale * F.linear(h, B)).to(result.dtype)
+                    continue
                 if h.dtype != result.dtype:  # fp32 factors on a bf16 base: add in fp32, round once (peft)
                     result = result + scale * F.linear(h, B)
                     continue
@@ -248,7 +251,11 @@ class LoRALinear(nn.Module):
             self._check_exists(name)
         if not names:
             return
-        weight = self._base_weight()  # (out, in), may already hold merged adapters
+        if len(names) > 1 and hasattr(self.base_layer, "requantize_"):  # peft requantizes after each adapter
+            for name in names:
+                self.merge([name], safe)
+            return
+        weight = self._weight_to_merge()  # (out, in), may already hold merged adapters
         unmerged_weight = self._unmerged_weight(weight)
         factors = {}
         for name in names:
@@ -268,7 +275,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Take all merged adapters back out of the base weight."""
         if self.merged:
-            self._set_base_weight(self._unmerged_weight(self._base_weight()))
+            self._set_base_weight(self._unmerged_weight(self._weight_to_merge()))
             self.merged_adapters.clear()
             self._dora_merge_factor.clear()
 
@@ -292,6 +299,12 @@ class LoRALinear(nn.Module):
         if hasattr(base, "dequantized_weight"):
             return base.dequantized_weight()
         return base.weight.t() if self.fan_in_fan_out else base.weight
+
+    def _weight_to_merge(self) -> torch.Tensor:
+        """The base weight (out, in) that merging adds ΔW to: a quantized one dequantized into the dtype it was
+        quantized from (bitsandbytes' quant_state.dtype; float32 once W + ΔW has been requantized), as peft's."""
+        base = self.base_layer
+        return base.dequantized_weight(base.source_dtype) if hasattr(base, "source_dtype") else self._base_weight()
 
     def _set_base_weight(self, weight: torch.Tensor) -> None:  # weight: (out, in)
         base = self.base_layer

@@ -105,6 +105,11 @@ def read_config(folder):
     if cfg.get("model_type") not in FAMILIES:
         raise LoadError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; "
                         f"supported: {', '.join(sorted(FAMILIES))}")
+    quantized = cfg.get("quantization_config")
+    if quantized:  # its tensors are codes and scales in that library's layout, not weights
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise LoadError(f"{path}: the checkpoint was saved quantized (quantization_config, quant_method {method!r}); "
+                        "load its full-precision checkpoint and quantize while loading (quant=..., --quant)")
     return cfg
 
 
@@ -133,7 +138,8 @@ def weight_files(folder):
         return [folder / name for name in sorted(set(weight_map.values()))]
     others = sorted(path.name for path in folder.glob("*.safetensors"))
     if others:
-        raise LoadError(f"{folder} has no model.safetensors or model.safetensors.index.json (it has {', '.join(others)})")
+        raise LoadError(f"{folder} has no model.safetensors or model.safetensors.index.json "
+                        f"(it has {', '.join(others)})")
     raise LoadError(f"{folder} has no .safetensors weights (pickled .bin files are not loaded, for safety)")
 
 

@@ -11,6 +11,7 @@ freshly dequantized Ŵ (QLoRA's memory saving: only the adapters hold trainable 
 backend="bnb" runs the same format through bitsandbytes' kernels (imported only then), which
 makes the two implementations interchangeable for testing.
 """
+import dataclasses
 import math
 from itertools import chain
 
@@ -82,6 +83,9 @@ class _QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.backend = compute_dtype, backend
         self.fan_in_fan_out = False  # set by from_weight: the replaced layer stored (in, out)
+        # the dtype of the weight last quantized (bitsandbytes' quant_state.dtype): merging dequantizes into it,
+        # so after a merge (W + ΔW in float32) unmerging subtracts in float32, as peft's does
+        self.source_dtype = compute_dtype
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -159,7 +163,7 @@ class Linear4bit(_QuantizedLinear):
             packed, state = _bnb_quantize_4bit(weight, self.blocksize, self.double_quant)
         else:
             packed, state = quantize_nf4(weight, self.blocksize, self.double_quant)
-        self.weight_packed, self.absmax = packed, state.absmax
+        self.weight_packed, self.absmax, self.source_dtype = packed, state.absmax, weight.dtype
         if self.double_quant:
             self.nested_absmax, self.absmax_offset = state.nested_absmax, state.offset
 
@@ -168,11 +172,12 @@ class Linear4bit(_QuantizedLinear):
         shape = torch.Size((self.out_features, self.in_features))
         return NF4State(self.absmax, shape, self.compute_dtype, self.blocksize, self.nested_absmax, self.absmax_offset)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Ŵ (out, in) in compute_dtype."""
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        """Ŵ (out, in) in `dtype` (default compute_dtype)."""
+        state = self.state if dtype is None else dataclasses.replace(self.state, dtype=dtype)
         if self.backend == "bnb":
-            return _bnb_dequantize_4bit(self.weight_packed, self.state)
-        return dequantize_nf4(self.weight_packed, self.state)
+            return _bnb_dequantize_4bit(self.weight_packed, state)
+        return dequantize_nf4(self.weight_packed, state)
 
     def transient_weight(self) -> torch.Tensor:
         """Ŵ in the buffer all 4-bit layers share: valid until the next layer dequantizes."""
@@ -202,18 +207,21 @@ class Linear8bit(_QuantizedLinear):
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
-        """Replace the stored weight by the vector-wise int8 quantization of `weight` (out, in)."""
+        """Replace the stored weight by the vector-wise int8 quantization of `weight` (out, in), taken of a
+        float16 copy as bitsandbytes' Int8Params takes it (so a float32 weight gives bnb's codes and scales)."""
         self._check_weight(weight)
+        half = weight.to(torch.float16).contiguous()
         if self.backend == "bnb":
             import bitsandbytes.functional as bnb_functional
 
-            self.weight_int8, self.weight_absmax, _ = bnb_functional.int8_vectorwise_quant(weight.contiguous())
+            self.weight_int8, self.weight_absmax, _ = bnb_functional.int8_vectorwise_quant(half)
         else:
-            self.weight_int8, self.weight_absmax, _ = vectorwise_quantize(weight)
+            self.weight_int8, self.weight_absmax, _ = vectorwise_quantize(half)
+        self.source_dtype = weight.dtype
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Ŵ = W_i8 · c_w / 127, (out, in) in compute_dtype."""
-        return vectorwise_dequantize(self.weight_int8, self.weight_absmax).to(self.compute_dtype)
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        """Ŵ = W_i8 · c_w / 127, (out, in) in `dtype` (default compute_dtype)."""
+        return vectorwise_dequantize(self.weight_int8, self.weight_absmax).to(dtype or self.compute_dtype)
 
     transient_weight = dequantized_weight
 
@@ -292,11 +300,17 @@ def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.
     layer_cls = {4: Linear4bit, 8: Linear8bit}.get(bits)
     if layer_cls is None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    replacements = []  # all layers are quantized before any is replaced: an error leaves the model as it was
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if is_linear(child) and not is_skipped(name, (*skip, "lora_A", "lora_B")):
-                setattr(parent, child_name, layer_cls.from_linear(child, **config))
+                try:
+                    replacements.append((parent, child_name, layer_cls.from_linear(child, **config)))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+    for parent, child_name, layer in replacements:
+        setattr(parent, child_name, layer)
     return model
 
 
