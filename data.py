@@ -306,7 +306,8 @@ def class_of(label):
 def labelled(rows):
     """The classes of rows. -1 marks a row without a label (GLUE's test splits; a Hub ClassLabel's missing
     value) when it stands alone or beside class ids from 0; beside {1}, as in -1/1 sentiment, it is a class."""
-    classes = {class_of(row.get("label")) for row in rows if not no_label(row.get("label"))}
+    labels = (row.get("label") for row in rows)  # check_rows names a bad one; eval.py reads past its --samples
+    classes = {class_of(label) for label in labels if isinstance(label, (str, int, float)) and not no_label(label)}
     return classes - {-1} if classes == {-1} or 0 in classes else classes
 
 

@@ -211,6 +211,9 @@ class Linear8bit(_QuantizedLinear):
         float16 copy as bitsandbytes' Int8Params takes it (so a float32 weight gives bnb's codes and scales)."""
         self._check_weight(weight)
         half = weight.to(torch.float16).contiguous()
+        if not torch.isfinite(half).all():
+            raise ValueError("int8 quantization takes a float16 copy of the weight (as bitsandbytes'); this weight "
+                             "has values beyond float16's range (65504)")
         if self.backend == "bnb":
             import bitsandbytes.functional as bnb_functional
 

@@ -738,3 +738,11 @@ def test_a_quantized_layer_cannot_be_a_module_to_save(tiny):
                                            r"Linear4bit"):
         apply_lora(ours_quantized(folder, "causal-lm", "nf4"),
                    LoraConfig(r=R, target_modules=["v_proj"], modules_to_save=["down_proj"]))
+
+
+def test_int8_refuses_a_weight_beyond_float16():
+    """bitsandbytes quantizes a float16 copy, where 1e5 is inf: its codes would be garbage."""
+    weight = torch.randn(8, 16)
+    weight[3, 5] = 1e5
+    with pytest.raises(ValueError, match=r"beyond float16's range"):
+        Linear8bit.from_weight(weight)
