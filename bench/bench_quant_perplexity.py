@@ -30,8 +30,12 @@ def hf_model(folder, fmt):
             bnb_4bit_compute_dtype=torch.float32)
     elif fmt == "int8":
         options["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
-                                                             **options).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map="cpu",
+                                                              **options).eval()
+    for module in model.modules():  # on AVX512-BF16 CPUs bnb's eval-mode 4-bit layer computes in bf16: keep fp32
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 class HFLogits(torch.nn.Module):
