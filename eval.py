@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import data
-from evaluation import classification_probabilities, evaluate, longest_rouge_prompt, perplexity_of_texts
+from evaluation import classification_logits, evaluate, longest_rouge_prompt, perplexity_of_texts
 from lora import load_adapter, merge_and_unload
 from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
@@ -272,7 +272,7 @@ def main(argv=None):
                                                                            else 2)
         model, tok = load_variant(args, folder, "seq-cls", num_labels, args.adapters[0])
         examples = data.encode_texts(tok, args.predict, args.predict_pairs, args.max_length)
-        probs = classification_probabilities(model, examples, args.batch_size, tok.pad_token_id)
+        probs = classification_logits(model, examples, args.batch_size, tok.pad_token_id).softmax(-1)
         labels = saved_labels(folder, args.adapters[:1])
         results = [{"text": text} | ({"pair": args.predict_pairs[i]} if args.predict_pairs else {})
                    | {"probabilities": row} | ({"labels": labels} if labels else {})
@@ -305,6 +305,9 @@ def main(argv=None):
     if not plain_text and (args.window or args.stride):
         raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "
                              + ("prompt/answer pairs" if task == "causal-lm" else f"{task} examples"))
+    if plain_text and (args.window or args.max_length) < 2:  # a window must hold a token of context and one to score
+        raise data.DataError(f"plain-text perplexity needs a window of 2 tokens or more; "
+                             f"{'--window' if args.window else '--max-length'} is {args.window or args.max_length}")
     examples = None if plain_text else data.encode(rows, task, tokenizer, args.max_length, names, words, split)
     rouge_prompt = longest_rouge_prompt(examples, f"split {split!r}") if args.rouge else None  # pairs only
     check_lengths(args, cfg, configs, plain_text, rouge_prompt)

@@ -1,12 +1,11 @@
 """Run a model over encoded examples and score it: shared by train.py (before/after, every N steps) and eval.py.
 
     seq-cls          accuracy, F1 (macro; binary too for 2 classes), loss
-    generate-label   the same, predicting the label word with the highest log-likelihood
+    generate-label   accuracy and F1, predicting the label word with the highest log-likelihood
                      log p(word | prompt) = sum over the word's tokens of log softmax(logits)[token]
     causal-lm        loss and perplexity = exp(sum NLL / number of answer tokens) (token-weighted);
                      with `rouge=True` also ROUGE-1/2/L of greedy generations against the references
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +48,10 @@ def classify(model, batch):
 
 
 @torch.no_grad()
-def classification_probabilities(model, examples, batch_size, pad_id, desc=None):
-    """Softmax over the labels for each example: (N, num_labels)."""
+def classification_logits(model, examples, batch_size, pad_id, desc=None):
+    """The classifier's logits for each example, in float32: (N, num_labels)."""
     model.eval()
-    probs = [classify(model, b).float().softmax(-1) for b in batches(examples, batch_size, pad_id, desc=desc)]
-    return torch.cat(probs)
+    return torch.cat([classify(model, b).float() for b in batches(examples, batch_size, pad_id, desc=desc)])
 
 
 @torch.no_grad()
@@ -96,10 +94,10 @@ def evaluate(model, examples, task, tokenizer, batch_size=32, words=None, rouge=
     """Metrics of `model` on encoded `examples` for `task` (see the module docstring)."""
     model.eval()
     if task == "seq-cls":
-        probs = classification_probabilities(model, examples, batch_size, tokenizer.pad_token_id, desc)
+        logits = classification_logits(model, examples, batch_size, tokenizer.pad_token_id, desc)
         labels = [e["label"] for e in examples]
-        loss = F.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(labels)).item()
-        return classification_metrics(probs, labels, loss)
+        loss = F.cross_entropy(logits, torch.tensor(labels)).item()  # of the logits: no floor under a probability
+        return classification_metrics(logits.softmax(-1), labels, loss)
     if task == "generate-label":
         scores = label_word_scores(model, examples, tokenizer, words, batch_size, desc)
         return classification_metrics(scores, [e["label"] for e in examples])
@@ -144,7 +142,7 @@ def sliding_window_perplexity(model, token_ids, window, stride):
     """Perplexity of one long token sequence with overlapping windows (each token scored once).
 
     Each window of `window` tokens scores only its last `stride` new tokens (the first window
-    scores all), so every scored token sees up to window - stride tokens of context.
+    scores all), so every scored token after the first window sees at least window - stride tokens of context.
     """
     if not 0 < stride < window:
         raise ValueError(f"stride must be in [1, window - 1] so every window has context, got {stride} for window {window}")
@@ -172,4 +170,4 @@ def perplexity_of_texts(model, tokenizer, texts, window, stride, desc=None):
         total, count = total + nll, count + n
     if not count:
         raise DataError(f"none of the {len(texts)} texts has a token to predict (are they empty?)")
-    return {"loss": total / count, "perplexity": math.exp(total / count)}
+    return {"loss": total / count, "perplexity": metrics.perplexity(total, count)}

@@ -18,7 +18,9 @@ import io
 import json
 import math
 import os
+import pickle  # its exception class only: checkpoints load with weights_only=True
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,9 +40,11 @@ from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disab
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names, linear_layer_names, matches, short_names
 from models import Tokenizer, load_model, save_model
-from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve
+from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve, write_json
 from quant import dequantize_model
 from quant.allocator import keep_freed_memory, map_large_allocations
+
+RUNS = Path(__file__).resolve().parent / "runs"  # the default output folders: in the repository, wherever run from
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "f1_binary": True, "loss": False, "perplexity": False}
 
@@ -72,7 +76,8 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     g.add_argument("--target-modules", default=None, help="comma-separated module names, or all-linear (every "
                    "linear layer but the output layer, as peft's shorthand) (default: the architecture's)")
-    g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full (default: the classifier head)")
+    g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full "
+                   "(default: the classification head, and BERT's pooler)")
     g.add_argument("--use-rslora", action="store_true", help="scale alpha / sqrt(r)")
     g.add_argument("--use-dora", action="store_true", help="weight-decomposed LoRA")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
@@ -108,7 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps for --resume (default: at each evaluation)")
     g.add_argument("--rouge", action="store_true", help="causal-lm pairs: also ROUGE of greedy generations")
     g.add_argument("--max-new-tokens", type=int, default=64, help="--rouge: tokens generated per answer")
-    g.add_argument("--output-dir", default=None, help="where the adapter, logs and checkpoints go (default: runs/<model>-<dataset>-<method>)")
+    g.add_argument("--output-dir", default=None, help="where the adapter, logs and checkpoints go "
+                   "(default: the repository's runs/<model>-<dataset>-<method>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     g.add_argument("--save-merged", action="store_true",
                    help="lora: also write the model with the adapter merged in, in full precision (a quantized "
@@ -148,7 +154,7 @@ def parse_args(argv=None):
         dataset = Path(args.dataset).resolve().name if Path(args.dataset).exists() else Path(args.dataset).name
         dataset += f"-{args.dataset_config}" if args.dataset_config else ""
         model = Path(args.model).resolve().name if Path(args.model).exists() else Path(args.model).name  # "." too
-        args.output_dir = str(Path("runs") / f"{model}-{dataset}-{args.method}")
+        args.output_dir = str(RUNS / f"{model}-{dataset}-{args.method}")
     return args
 
 
@@ -241,7 +247,7 @@ def default_lr(method, task, total_steps):
 
     LoRA on a classifier also trains a fresh head (and BERT's pooler): a short run needs large steps to
     move it at all (5e-3), while a long run ends better with smaller ones, so past 64 optimizer steps
-    the rate shrinks as steps^(-1/3): 3.1e-3 at 265 steps, 2.2e-3 at 800. Measured with minilm-l6 on
+    the rate shrinks as steps^(-1/3): 3.1e-3 at 266 steps, 2.2e-3 at 800. Measured with minilm-l6 on
     rotten_tomatoes (README); that the best rate falls as training gets longer is what Bjorck et al.
     2025 ("Scaling Optimal LR Across Token Horizons", arXiv:2409.19913) found for pretraining.
     """
@@ -250,10 +256,15 @@ def default_lr(method, task, total_steps):
     return {"lora": 1e-3, "prompt": 3e-2, "none": 5e-5}[method]
 
 
+def warmup_steps(warmup, total_steps):
+    """--warmup as a step count: a fraction of the steps rounded up (as TrainingArguments' get_warmup_steps)."""
+    return math.ceil(warmup * total_steps) if warmup < 1 else int(warmup)
+
+
 def lr_lambda(schedule, warmup_steps, total_steps):
     def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+        if step < warmup_steps:  # transformers' get_*_schedule_with_warmup: the first step's rate is 0
+            return step / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
@@ -267,23 +278,43 @@ def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def recover_folder(folder):
+    """Finish or undo a replace_folder that was interrupted: folder.old beside folder.tmp means the new folder was
+    whole (it is renamed in only once written), so it goes in; any other leftover is deleted."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if old.exists():
+        if not folder.exists():
+            os.replace(tmp if tmp.exists() else old, folder)
+        if old.exists():
+            shutil.rmtree(old)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def replace_folder(folder, write):
+    """Write a folder with write(path) beside `folder`, then swap it in: an interruption or a kill never leaves a
+    half-written folder in its place, and recover_folder repairs a swap cut short."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    recover_folder(folder)
+    write(tmp)
+    with signals_deferred():
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old.exists():
+            shutil.rmtree(old)
+
+
 def save_checkpoint(folder, model, optimizer, scheduler, state):
-    """Write atomically: a half-written checkpoint never replaces a good one."""
-    tmp = Path(str(folder) + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    with open(tmp / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-    if Path(folder).exists():
-        old = Path(str(folder) + ".old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        for p in old.iterdir():
-            p.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, folder)
+    def write(tmp):
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        write_json(tmp / "state.json", state)
+
+    replace_folder(folder, write)
 
 
 def step_seed(seed, step, rank):
@@ -295,16 +326,28 @@ def step_seed(seed, step, rank):
 @contextmanager
 def signals_deferred():
     """Ctrl-C or SIGTERM within the block raises KeyboardInterrupt when the block ends: an optimizer step, its log
-    row and the state an interruption saves happen together, or not at all."""
+    row and the state an interruption saves happen together, or not at all. Within an outer block it does nothing
+    of its own (the outer one raises when it ends)."""
+    if signal.getsignal(signal.SIGINT) is _defer:
+        yield
+        return
     caught = []
-    handlers = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    _caught.clear()
+    handlers = {s: signal.signal(s, _defer) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if caught:
+    if _caught:
         raise KeyboardInterrupt
+
+
+_caught = []
+
+
+def _defer(signum, frame):
+    _caught.append(signum)
 
 
 # what may change when resuming: how long to train, how often to evaluate and save, and where the run is
@@ -466,6 +509,10 @@ def main(argv=None):
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise LoadError(f"--output-dir {out} is a file; name a folder")
+    if out.is_dir() and rank == 0:
+        recover_folder(out / "checkpoint")  # a save that a kill cut short
+    if dist.is_initialized():
+        dist.barrier()  # before the other processes read it
     if args.resume:
         check_resume(args, out, world)
     else:
@@ -510,6 +557,10 @@ def main(argv=None):
         saved_state = {"eval_due": False} | read_json(out / "checkpoint" / "state.json")  # older checkpoints lack it
         if set(state) - set(saved_state):
             raise damaged(out / "checkpoint" / "state.json", KeyError(", ".join(sorted(set(state) - set(saved_state)))))
+        bad = next((k for k in ("step", "epoch", "micro", "bad_evals")
+                    if type(saved_state[k]) is not int or saved_state[k] < 0), None)
+        if bad:
+            raise damaged(out / "checkpoint" / "state.json", ValueError(f"{bad} is {saved_state[bad]!r}, not a count"))
         state = saved_state
     # both before the first evaluation, so that a wrong target name or an output folder that cannot be
     # made fails at once; the folder on every process, so that all stop (only the first writes into it)
@@ -521,8 +572,10 @@ def main(argv=None):
     if is_main:
         print_trainable_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # as transformers' Trainer: no decay on biases and norm weights (the 1-D tensors), decay on DoRA's magnitudes
+    decayed = {id(p) for name, p in model.named_parameters() if p.ndim >= 2 or "lora_magnitude_vector" in name}
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     batches_per_epoch = len(micro_batches(len(train_set), args.batch_size, world, args.seed, 0))
     if not batches_per_epoch:  # several processes drop an epoch's last, partial global batch
         raise data.DataError(f"{len(train_set)} training examples are fewer than one global batch ({args.batch_size} "
@@ -537,7 +590,7 @@ def main(argv=None):
     if is_main:
         print(f"{total_steps} optimizer steps, peak learning rate {args.lr:.3g}")
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    warmup = int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+    warmup = warmup_steps(args.warmup, total_steps)
     if warmup >= total_steps and is_main:
         print(f"note: --warmup {args.warmup:g} is {warmup} steps, as many as the run's {total_steps} or more: the "
               f"learning rate never reaches {args.lr:.3g}", file=sys.stderr)
@@ -551,14 +604,14 @@ def main(argv=None):
             saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, EOFError, KeyError, ValueError, TypeError) as e:  # torch.load's and the states' errors
+        except (RuntimeError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:  # torch.load's,
+            # the states' (weights_only refuses anything but tensors and plain containers: UnpicklingError)
             raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
     virtual = getattr(model, "virtual_tokens", 0)  # a soft prompt's positions: its last one predicts the first token
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
     if is_main:
-        with open(out / "args.json", "w", encoding="utf-8") as f:
-            json.dump(vars(args) | {"processes": world}, f, indent=2)
+        write_json(out / "args.json", vars(args) | {"processes": world})
     log = open(out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if is_main else None
     autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) if args.autocast else nullcontext()
 
@@ -672,16 +725,17 @@ def main(argv=None):
         print(f"\n{args.model} on {data.dataset_label(args.dataset, args.dataset_config)} ({task}, {args.method}), "
               f"best step {state['best_step']} by {metric}:")
         print(results_table(state["before"], after))
-        with open(out / "results.json", "w", encoding="utf-8") as f:
-            json.dump({"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
-                       "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}, f, indent=2)
+        write_json(out / "results.json", {"before": state["before"], "after": after, "best_step": state["best_step"],
+                                          "task": task, "labels": names,
+                                          "train_seconds": time.time() - started - eval_seconds[0]})
         saved = out / ("model" if args.method == "none" else "adapter")  # full fine-tuning: a whole checkpoint
         save_output(model, tokenizer, saved, args, names)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {saved}")
         if args.save_merged:  # last, as merging changes the model in place
-            save_model(merge_and_unload(dequantize_model(model)), out / "merged", tokenizer)
+            merged = merge_and_unload(dequantize_model(model))
+            replace_folder(out / "merged", lambda tmp: save_model(merged, tmp, tokenizer))
             print(f"saved the merged model: {out / 'merged'}")
         written = {saved.name} | ({"merged"} if args.save_merged else set())
         for stale in sorted({"adapter", "model", "merged"} - written):
@@ -695,14 +749,16 @@ def main(argv=None):
 def save_output(model, tokenizer, folder, args, names):
     """The adapter in peft's format (or, after full fine-tuning, the whole model), the tokenizer and the
     labels in head order (eval.py maps a split's labels through them)."""
-    if args.method == "none":
-        save_model(model, folder, tokenizer)
-    else:
-        save_adapter(model, folder)
-        tokenizer.save(folder)
-    if names:
-        with open(folder / data.LABELS_FILE, "w", encoding="utf-8") as f:
-            json.dump({"labels": names}, f)
+    def write(tmp):
+        if args.method == "none":
+            save_model(model, tmp, tokenizer)
+        else:
+            save_adapter(model, tmp)
+            tokenizer.save(tmp)
+        if names:
+            write_json(tmp / data.LABELS_FILE, {"labels": names})
+
+    replace_folder(folder, write)
 
 
 if __name__ == "__main__":

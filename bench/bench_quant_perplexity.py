@@ -4,7 +4,8 @@ ours and transformers + bitsandbytes on the same texts and windows, side by side
     python bench/bench_quant_perplexity.py [--articles 100] [--window 512] [--stride 256]
 
 Both sides score each of the first N test articles with sliding windows (evaluation.py's protocol:
-every token once, up to window - stride tokens of context) and report exp(token-weighted mean NLL).
+every token once, with at least window - stride tokens of context after the first window) and report
+exp(token-weighted mean NLL).
 Our NF4/int8 bytes equal bitsandbytes' (tests/test_quant.py), so the columns should agree to the
 precision of the matmuls (bitsandbytes' int8 CPU path rounds differently from ours in fp32).
 """

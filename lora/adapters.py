@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.loading import open_safetensors, read_json
+from models.loading import open_safetensors, read_json, write_json
 
 from .layer import LoRALinear, is_linear_base
 
@@ -190,7 +190,7 @@ def default_heads(model):
 
     BERT classifies tanh(W_p h_[CLS]); sentence encoders such as all-MiniLM-L6-v2 were trained with
     mean pooling, so that pooler path starts untrained and LoRA on query/value alone barely moves it
-    (0.62 test accuracy vs 0.75 with the pooler trained, see README).
+    (README: 0.582 test accuracy with the classifier alone at lr 1e-3, 0.760 with the defaults, pooler trained).
     """
     if not type(model).__name__.endswith("ForSequenceClassification"):
         return []
@@ -487,11 +487,11 @@ def save_adapter(model, folder, adapter_name=None):
 
 def write_adapter_files(folder, config, state):
     folder = Path(folder)
-    text = json.dumps(config, indent=2)  # a config that cannot be written fails before any file is touched
+    json.dumps(config)  # a config that cannot be written fails before any file is touched
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE),
               metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
+    write_json(folder / CONFIG_FILE, config)
 
 
 def check_adapter_folder(folder):

@@ -196,8 +196,9 @@ class LoRALinear(nn.Module):
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             scale, dropout = self.scaling[name], self.lora_dropout[name]
             use_dropout = self.training and isinstance(dropout, nn.Dropout)
-            x_lora = dropout(x) if use_dropout else x
-            h = F.linear(x_lora.to(A.dtype), A)  # (N, rank); under autocast in its dtype
+            x_lora = x.to(A.dtype)  # before dropout, as peft: its 1 / (1 - p) scale is not rounded to bf16
+            x_lora = dropout(x_lora) if use_dropout else x_lora
+            h = F.linear(x_lora, A)  # (N, rank); under autocast in its dtype
             if name not in self.lora_magnitude_vector:
                 if h.dtype != result.dtype and quantized:  # peft's bitsandbytes layers round the term, then add
                     result = result + (scale * F.linear(h, B)).to(result.dtype)
@@ -214,7 +215,7 @@ class LoRALinear(nn.Module):
                 weight_norm = torch.linalg.norm(weight + scale * (B @ A), dim=1)  # (out,)
             f = self.lora_magnitude_vector[name].weight / weight_norm  # (out,)
             if use_dropout:
-                base_no_bias = F.linear(x_lora, weight)
+                base_no_bias = F.linear(x_lora, weight.to(x_lora.dtype))  # peft's DoRA: in the factors' dtype
             else:  # reuse the running result (peft does the same with several active adapters)
                 bias = self.base_layer.bias
                 base_no_bias = result if bias is None else result - bias

@@ -114,7 +114,8 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, cfg, num_labels):
         super().__init__()
         self.bert = BertModel(cfg)
-        self.dropout = Dropout(cfg.get("classifier_dropout") or cfg.get("hidden_dropout_prob", 0.0))
+        p = cfg.get("classifier_dropout")  # an explicit 0.0 is kept, as transformers keeps it
+        self.dropout = Dropout(cfg.get("hidden_dropout_prob", 0.0) if p is None else p)
         self.classifier = Linear(cfg["hidden_size"], num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):

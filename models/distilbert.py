@@ -31,7 +31,7 @@ class TransformerBlock(nn.Module):
         queries = x[:, :1] if first_token_only else x
         y = encoder_self_attention(x, a.q_lin, a.k_lin, a.v_lin, self.n_head, mask,
                                    self.attn_dropout if self.training else 0.0, queries)
-        x = self.sa_layer_norm(queries + self.dropout(a.out_lin(y)))
+        x = self.sa_layer_norm(queries + a.out_lin(y))  # no dropout here (transformers has none)
         y = self.ffn.lin2(self.act(self.ffn.lin1(x)))
         return self.output_layer_norm(x + self.dropout(y))
 

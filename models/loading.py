@@ -39,6 +39,15 @@ class LoadError(ValueError):
     generation past its positions); the message says which and why."""
 
 
+def write_json(path, value):
+    """Write `value` as JSON to `path` through a temporary file, so an interruption never leaves a half-written one."""
+    path = Path(path)
+    text = json.dumps(value, indent=2)  # a value JSON cannot hold fails before any file is touched
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_json(path, error=LoadError):
     """The JSON object in the file at `path` (a config); anything else raises `error` naming the file."""
     try:
@@ -306,7 +315,6 @@ def save_model(model, folder, tokenizer=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with open(folder / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    write_json(folder / "config.json", config)
     if tokenizer is not None:
         tokenizer.save(folder)

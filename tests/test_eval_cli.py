@@ -680,3 +680,38 @@ def test_a_folder_without_test_validation_or_train_is_one_line(tiny, tmp_path):
     with pytest.raises(data.DataError, match=r"^the dataset has no test, validation or train split \(it has "
                                              r"reviews\); pick one with --split$"):
         run_eval("--model", tiny.folder("distilbert", "base"), "--dataset", dataset, "--max-length", MAX_LENGTH)
+
+
+def test_a_confidently_wrong_classifier_has_its_full_cross_entropy(tiny):
+    """The loss was the NLL of probabilities floored at 1e-12, so no example counted more than 27.63."""
+    model, tok = load_model(tiny.folder("gpt2", "seq-cls"), task="seq-cls", num_labels=NUM_LABELS)
+    with torch.no_grad():
+        model.score.weight.mul_(300)
+    rows = keyword_rows(6, NUM_LABELS, seed=5)
+    examples = data.encode(rows, "seq-cls", tok, MAX_LENGTH, list(range(NUM_LABELS)))
+    result = evaluation.evaluate(model, examples, "seq-cls", tok, 4)
+    batch = tok([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH)
+    reference = load_hf(tiny.folder("gpt2", "seq-cls"), "gpt2", "seq-cls")
+    with torch.no_grad():
+        reference.score.weight.mul_(300)
+        logits = reference(**batch).logits
+    expected = F.cross_entropy(logits, torch.tensor([r["label"] for r in rows])).item()
+    assert expected > 100
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_perplexity_beyond_floats_is_inf(tiny, tmp_path):
+    """exp of a mean NLL above 709.78 nats overflows: plain text raised OverflowError, pairs gave inf."""
+    model, tok = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(5000)  # the tied head: logits far beyond any softmax's range
+    result = evaluation.perplexity_of_texts(model, tok, ["the movie was wonderful and the plot was okay"], 16, 8)
+    assert result["loss"] > 710 and result["perplexity"] == math.inf
+
+
+def test_a_window_of_one_token_is_one_line(tiny, tmp_path):
+    dataset = write_jsonl(tmp_path / "data", "test", [{"text": "a terrible film"}])
+    for flags in (("--window", 1), ("--max-length", 1)):
+        with pytest.raises(DataError, match=r"^plain-text perplexity needs a window of 2 tokens or more; "
+                                            rf"{flags[0]} is 1$"):
+            run_eval("--model", tiny.folder("gpt2", "causal-lm"), "--dataset", dataset, "--task", "causal-lm", *flags)

@@ -852,3 +852,36 @@ def test_generation_needs_a_token_in_every_row(tiny, ours):
     for args in ((ids, mask), (ids[:, :0], mask[:, :0])):
         with pytest.raises(ValueError, match=r"^every row needs at least one prompt token to continue"):
             generate(model, *args, max_new_tokens=3)
+
+
+DROPOUT_ONLY = {  # the config's residual / embedding dropout at 0.5, attention dropout off
+    "bert": dict(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0),
+    "distilbert": dict(dropout=0.5, attention_dropout=0.0),
+    "gpt2": dict(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.0),
+}
+
+
+@pytest.mark.parametrize("family", DROPOUT_ONLY)
+def test_dropout_sits_where_transformers_puts_it(tmp_path, monkeypatch, family):
+    """Both libraries' dropout made the same deterministic x / (1 - p), so train-mode outputs differ only if a
+    dropout is placed elsewhere: DistilBERT had one more, after the attention's out_lin (1.6 off)."""
+    import models.fused
+
+    def scale(x, p=0.5, training=True, inplace=False):
+        return x / (1 - p) if training and p > 0 else x
+
+    monkeypatch.setattr(models.fused, "dropout", scale)
+    monkeypatch.setattr(torch.nn.functional, "dropout", scale)
+    write_checkpoint(tmp_path / "ck", family, "base", seed=3, **DROPOUT_ONLY[family])
+    model = load_model(str(tmp_path / "ck"), task="base")[0].train()
+    ref = load_hf(tmp_path / "ck", family, "base").train()
+    ids = random_ids(family, 2, 9, seed=1)
+    with torch.no_grad():
+        out, expected = run_ours(model, ids), run_hf(ref, family, "base", ids)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_bert_classifier_dropout_of_zero_is_kept(tmp_path):
+    write_checkpoint(tmp_path / "ck", "bert", "seq-cls", hidden_dropout_prob=0.5, classifier_dropout=0.0)
+    model = load_model(str(tmp_path / "ck"), task="seq-cls", num_labels=NUM_LABELS)[0]
+    assert model.dropout.p == load_hf(tmp_path / "ck", "bert", "seq-cls").dropout.p == 0.0  # was 0.5

@@ -15,11 +15,13 @@ numbers: every reference is computed in the test (a second run, transformers, a 
     bad input           each a clear DataError / LoadError / argparse error naming the problem
     other paths         generate-label and --method prompt on a decoder, adapter folder contents
 """
+import argparse
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,7 +288,7 @@ def test_default_output_dir_names_the_model_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path / "my-model")
-    assert train.parse_args(["--model", ".", "--dataset", "x/rt"]).output_dir == str(Path("runs") / "my-model-rt-lora")
+    assert train.parse_args(["--model", ".", "--dataset", "x/rt"]).output_dir == str(train.RUNS / "my-model-rt-lora")
 
 
 def test_prompt_init_text_needs_text_init(capsys):
@@ -1257,10 +1259,10 @@ def test_more_samples_than_a_split_has_is_pointed_out(tiny, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "data", "train", GOOD)
     write_jsonl(dataset, "test", GOOD[:4])
     run(tiny.folder("bert", "base"), dataset, tmp_path / "out", "--max-steps", 1, "--train-samples", 100,
-        "--eval-samples", 4)
+        "--eval-samples", 4, "--warmup", 0)
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
         f"note: --train-samples 100 is more than split 'train' has; all its {len(GOOD)} rows are used"]
-    run(tiny.folder("bert", "base"), dataset, tmp_path / "out2", "--max-steps", 1, "--eval-samples", 5)
+    run(tiny.folder("bert", "base"), dataset, tmp_path / "out2", "--max-steps", 1, "--eval-samples", 5, "--warmup", 0)
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")] == [
         "note: --eval-samples 5 is more than split 'test' has; all its 4 rows are used"]
 
@@ -1289,7 +1291,7 @@ def test_dataset_config_picks_a_hub_configuration_or_a_subfolder(tmp_path, monke
                                              r"is a file$"):
         data.load_splits(glue / "rte" / "train.jsonl", "rte")
     args = train.parse_args(["--model", "minilm-l6", "--dataset", str(glue), "--dataset-config", "rte"])
-    assert args.output_dir == str(Path("runs") / "minilm-l6-glue-rte-lora")
+    assert args.output_dir == str(train.RUNS / "minilm-l6-glue-rte-lora")
     write_jsonl(glue / "rte", "validation", GOOD)
     run(tiny.folder("bert", "base"), glue, tmp_path / "out", "--dataset-config", "rte", "--max-steps", 1)
     assert json.loads((tmp_path / "out" / "args.json").read_text())["dataset_config"] == "rte"
@@ -1427,4 +1429,86 @@ def test_nan_labels_and_texts_are_missing(tmp_path):
 def test_default_output_dir_names_a_dataset_given_as_dot(tmp_path, monkeypatch):
     (tmp_path / "rt").mkdir()
     monkeypatch.chdir(tmp_path / "rt")
-    assert train.parse_args(["--model", "m", "--dataset", "."]).output_dir == str(Path("runs") / "m-rt-lora")
+    assert train.parse_args(["--model", "m", "--dataset", "."]).output_dir == str(train.RUNS / "m-rt-lora")
+
+
+@pytest.mark.parametrize("schedule,warmup,total", [("linear", 0.06, 798), ("linear", 5, 100), ("cosine", 0.1, 37),
+                                                   ("constant", 3, 20), ("linear", 0, 10)])
+def test_schedules_equal_transformers(schedule, warmup, total):
+    """Ours warmed up as (step + 1) / (warmup + 1) over int(ratio * steps) steps: every rate of README's run (798
+    steps, 6 % warmup) differed from Trainer's."""
+    import transformers
+
+    steps = train.warmup_steps(warmup, total)
+    assert steps == transformers.TrainingArguments(output_dir="unused", warmup_steps=warmup).get_warmup_steps(total)
+    reference = {"linear": transformers.get_linear_schedule_with_warmup,
+                 "cosine": transformers.get_cosine_schedule_with_warmup,
+                 "constant": lambda opt, w, _: transformers.get_constant_schedule_with_warmup(opt, w)}[schedule]
+    ref = reference(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), steps, total)
+    ours = train.lr_lambda(schedule, steps, total)
+    for step in range(total):
+        assert ours(step) == pytest.approx(ref.get_last_lr()[0], abs=1e-12), step
+        ref.optimizer.step()
+        ref.step()
+
+
+def test_an_interrupted_checkpoint_swap_is_repaired(tiny, tmp_path):
+    """A kill between the swap's two renames left checkpoint.old and a whole checkpoint.tmp: --resume found no
+    checkpoint and a fresh run started over on top of it; a kill while checkpoint.old was deleted blocked every
+    later save (Directory not empty)."""
+    folder, dataset = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data")
+    common = ("--batch-size", 4, "--lr", 1e-2, "--warmup", 0, "--save-every", 1, "--eval-every", 0)
+    first = tmp_path / "first"
+    run(folder, dataset, first, "--max-steps", 2, *common)
+    (first / "results.json").unlink()  # as if killed before the run's end
+    reference = shutil.copytree(first, tmp_path / "reference")
+    run(folder, dataset, reference, "--max-steps", 3, *common, "--resume")
+    for case in ("between the renames", "deleting old"):
+        out = shutil.copytree(first, tmp_path / case)
+        ckpt = out / "checkpoint"
+        shutil.copytree(ckpt, out / "checkpoint.old")
+        if case == "between the renames":
+            ckpt.rename(out / "checkpoint.tmp")
+            with pytest.raises(FileExistsError, match="holds an interrupted run"):
+                run(folder, dataset, out, "--max-steps", 3, *common)  # a fresh run is refused, not started over
+        run(folder, dataset, out, "--max-steps", 3, *common, "--resume")
+        assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()
+        assert_same_weights(final_weights(out), final_weights(reference), atol=0)
+
+
+def test_a_pickle_or_wrongly_typed_state_in_the_checkpoint_is_one_line(tiny, tmp_path):
+    folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
+    run(folder, dataset, out, "--max-steps", 1, "--batch-size", 4)
+    (out / "results.json").unlink()
+    good = (out / "checkpoint" / "state.json").read_text()
+    state = json.loads(good) | {"step": "x"}
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LoadError, match=r"state\.json is damaged \(ValueError: step is 'x', not a count\)"):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
+    (out / "checkpoint" / "state.json").write_text(good)
+    torch.save({"optimizer": argparse.Namespace(x=1)}, out / "checkpoint" / "optimizer.pt")  # not weights-only
+    with pytest.raises(LoadError, match=r"optimizer\.pt is damaged \(UnpicklingError: "):
+        run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
+
+
+def test_dora_magnitudes_are_decayed_as_trainer_decays_them(tiny, tmp_path, monkeypatch):
+    """Trainer decays every trained parameter but biases and LayerNorm weights; ours left out DoRA's magnitudes."""
+    groups, models = [], []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            groups.extend(params)
+            super().__init__(params, **kw)
+
+    add_method = train.add_method
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(train, "add_method", lambda *a: models.append(add_method(*a)) or models[-1])
+    run(tiny.folder("bert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out", "--max-steps", 1,
+        "--batch-size", 4, "--use-dora", "--weight-decay", 0.1)
+    norms = {id(p) for m in models[0].modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    trained = [(n, p) for n, p in models[0].named_parameters() if p.requires_grad]
+    expected = {n for n, p in trained if "bias" not in n and id(p) not in norms}  # Trainer's rule
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert {n for n, p in trained if id(p) in decayed} == expected
+    assert any("lora_magnitude_vector" in n for n in expected)
