@@ -331,7 +331,6 @@ def signals_deferred():
     if signal.getsignal(signal.SIGINT) is _defer:
         yield
         return
-    caught = []
     _caught.clear()
     handlers = {s: signal.signal(s, _defer) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
