@@ -1249,8 +1249,9 @@ def test_training_loss_of_sentence_pairs_is_transformers(tiny, tmp_path):
     dataset = write_jsonl(tmp_path / "data", "train", rows)
     write_jsonl(dataset, "validation", rows)
     run(folder, dataset, tmp_path / "out", "--max-steps", 12, "--batch-size", 4, "--lr", 1e-2)
-    losses = [row["loss"] for row in log_rows(tmp_path / "out")]
-    assert sum(losses[-3:]) < sum(losses[:3])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # on the whole split, not on the noisy per-step losses of different batches (which flipped between runs)
+    assert results["after"]["loss"] < results["before"]["loss"]
 
 
 def test_more_samples_than_a_split_has_is_pointed_out(tiny, tmp_path, capsys):
