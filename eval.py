@@ -24,7 +24,7 @@ from evaluation import classification_logits, evaluate, longest_rouge_prompt, pe
 from lora import load_adapter, merge_and_unload
 from lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ModulesToSave, check_adapter_folder
 from models import LoadError, Tokenizer, generate, load_model
-from models.loading import DECODERS, check_positions, open_safetensors, read_config, read_json, resolve
+from models.loading import DECODERS, check_positions, open_safetensors, read_config, read_json, resolve, write_json
 from quant.allocator import keep_freed_memory
 
 # flags only an evaluation on --dataset reads
@@ -96,10 +96,10 @@ def parse_args(argv=None):
     return args
 
 
-def write_json(path, results):
+def write_results(path, results):
+    """--json: the results, when a path was given (written as train.py writes its files)."""
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        write_json(path, results)
 
 
 def load_variant(args, folder, model_task, num_labels, entry):
@@ -263,7 +263,7 @@ def main(argv=None):
                    for prompt, row in zip(args.generate, out[:, batch["input_ids"].shape[1]:])]
         for r in results:
             print(f"{r['prompt']!r} -> {r['generated']!r}")
-        write_json(args.json, results)
+        write_results(args.json, results)
         return results
     if args.predict:
         check_lengths(args, cfg, {args.adapters[0]: configs[args.adapters[0]]}, plain_text=False)
@@ -279,7 +279,7 @@ def main(argv=None):
                    for i, (text, row) in enumerate(zip(args.predict, probs.tolist()))]
         for r in results:  # the file keeps every digit, as the table's JSON does
             print(json.dumps(r | {"probabilities": [round(p, 4) for p in r["probabilities"]]}))
-        write_json(args.json, results)
+        write_results(args.json, results)
         return results
 
     splits = data.load_splits(args.dataset, args.dataset_config)
@@ -305,9 +305,10 @@ def main(argv=None):
     if not plain_text and (args.window or args.stride):
         raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "
                              + ("prompt/answer pairs" if task == "causal-lm" else f"{task} examples"))
-    if plain_text and (args.window or args.max_length) < 2:  # a window must hold a token of context and one to score
+    window = args.window or args.max_length  # plain text's perplexity window
+    if plain_text and window < 2:  # a window must hold a token of context and one to score
         raise data.DataError(f"plain-text perplexity needs a window of 2 tokens or more; "
-                             f"{'--window' if args.window else '--max-length'} is {args.window or args.max_length}")
+                             f"{'--window' if args.window else '--max-length'} is {window}")
     examples = None if plain_text else data.encode(rows, task, tokenizer, args.max_length, names, words, split)
     rouge_prompt = longest_rouge_prompt(examples, f"split {split!r}") if args.rouge else None  # pairs only
     check_lengths(args, cfg, configs, plain_text, rouge_prompt)
@@ -315,7 +316,6 @@ def main(argv=None):
     for entry, column in zip(args.adapters, column_labels(args.adapters, args.merge, configs)):
         model, tok = load_variant(args, folder, model_task, len(names) if names else 2, entry)
         if plain_text:
-            window = args.window or args.max_length
             texts = [str(r[data.text_column(rows)]) for r in rows]
             result = perplexity_of_texts(model, tok, texts, window, args.stride or max(1, window // 2),
                                          desc=f"eval {entry}")
@@ -333,7 +333,7 @@ def main(argv=None):
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{r[k]:.4f}" for r in results.values()) + " |")
     print(json.dumps(results))
-    write_json(args.json, results)
+    write_results(args.json, results)
     return results
 
 

@@ -200,11 +200,9 @@ class LoRALinear(nn.Module):
             x_lora = dropout(x_lora) if use_dropout else x_lora
             h = F.linear(x_lora, A)  # (N, rank); under autocast in its dtype
             if name not in self.lora_magnitude_vector:
-                if h.dtype != result.dtype and quantized:  # peft's bitsandbytes layers round the term, then add
-                    result = result + (scale * F.linear(h, B)).to(result.dtype)
-                    continue
-                if h.dtype != result.dtype:  # fp32 factors on a bf16 base: add in fp32, round once (peft)
-                    result = result + scale * F.linear(h, B)
+                if h.dtype != result.dtype:  # fp32 factors on a bf16 base: add in fp32 and round once, as peft's
+                    term = scale * F.linear(h, B)  # layers; its bitsandbytes layers round the term, then add
+                    result = result + (term.to(result.dtype) if quantized else term)
                     continue
                 # result += scale * h @ B^T as one fused in-place GEMM; linear's backward never needs
                 # its own output, so modifying it in place is safe for autograd.

@@ -1506,9 +1506,10 @@ def test_dora_magnitudes_are_decayed_as_trainer_decays_them(tiny, tmp_path, monk
     monkeypatch.setattr(train, "add_method", lambda *a: models.append(add_method(*a)) or models[-1])
     run(tiny.folder("bert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out", "--max-steps", 1,
         "--batch-size", 4, "--use-dora", "--weight-decay", 0.1)
-    norms = {id(p) for m in models[0].modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    from transformers import Trainer
+
     trained = [(n, p) for n, p in models[0].named_parameters() if p.requires_grad]
-    expected = {n for n, p in trained if "bias" not in n and id(p) not in norms}  # Trainer's rule
+    expected = set(Trainer.get_decay_parameter_names(None, models[0])) & {n for n, _ in trained}  # Trainer's rule
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert {n for n, p in trained if id(p) in decayed} == expected
