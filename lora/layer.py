@@ -348,6 +348,8 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # (N, out)
         lora_in, h, weight, A, B = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: h as a function of x' and A, so a second derivative sees it
+            h = linear_product(lora_in, A)
         need_x, need_x_lora, _, _, need_A, need_B, _ = ctx.needs_input_grad
         g = linear_product(grad_y, B.t()).mul_(ctx.scale)  # (N, r)
         grad_B = linear_product(h.t(), grad_y.t()).mul_(ctx.scale).t() if need_B else None  # (out, r)

@@ -65,12 +65,15 @@ class _RMSNorm(torch.autograd.Function):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return weight * (x32 * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
         x32 = x.float()
+        if torch.is_grad_enabled():  # create_graph: r as a function of x, so a second derivative sees it
+            rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)
         grad_normed = (grad_y * weight).float()  # g' = dL/dx̂
         # r · (g' - x̂ · mean(g' · x̂)) = g' · r - x · (r³ · mean(g' · x))
         coef = torch.linalg.vecdot(grad_normed, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
@@ -127,10 +130,13 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAP
 
 
 def linear_product(x, weight, bias=None):
-    """x Wᵀ + b for x (..., in), weight (out, in) (any strides), not recorded by autograd: oneDNN for
-    float32 on CPU (see the module docstring), else F.linear. The result is no view (as F.linear's),
-    so adding to it in place (LoRA does) needs no copy back in backward."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
+    """x Wᵀ + b for x (..., in), weight (out, in) (any strides): oneDNN for float32 on CPU (see the module
+    docstring), else F.linear. The result is no view (as F.linear's), so adding to it in place (LoRA
+    does) needs no copy back in backward. oneDNN's product has no derivative, so it is only taken where
+    autograd records nothing: inside a Function's forward, or a backward without create_graph (a
+    second-order gradient through a frozen layer then goes through F.linear)."""
+    recorded = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if recorded or not (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
         return F.linear(x, weight, bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")  # (n, out)
     return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
@@ -212,6 +218,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the chunked linear + cross-entropy computes its gradients in forward; they have no "
+                               "derivative of their own, so create_graph=True (second-order gradients) is not supported")
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) * grad_total if need else None for need in ctx.needs]
         return (*grads, None)

@@ -13,6 +13,7 @@ makes the two implementations interchangeable for testing.
 """
 import dataclasses
 import math
+import threading
 from itertools import chain
 
 import torch
@@ -37,24 +38,27 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
 
 
-_DEQUANTIZE_BUFFERS = {}  # device -> (float32 Ŵ buffer, int64 index scratch), grown to the largest weight seen
+_DEQUANTIZE_BUFFERS = threading.local()  # per thread: device -> (float32 Ŵ buffer, int64 index scratch)
 
 
 def _dequantize_buffers(packed: torch.Tensor):
-    """Scratch tensors for one 4-bit weight's Ŵ and its chunk indices, shared by all layers on that device.
+    """Scratch tensors for one 4-bit weight's Ŵ and its chunk indices, shared by all layers on that device
+    in this thread, grown to the largest weight seen.
 
     Dequantizing every layer into one reused buffer (rather than a fresh tensor per layer, per
     forward and per backward) keeps weight-sized temporaries out of the allocator altogether.
     Safe because a product with Ŵ finishes before the next layer dequantizes (autograd runs one
-    node at a time); Ŵ is never saved for backward.
+    node at a time) and Ŵ is never saved for backward; each thread has its own buffers, so models
+    run from several threads do not overwrite each other's Ŵ.
     """
     numel, n_index = packed.numel() * 2, dequantize_scratch_size(packed.numel())
-    weight, index = _DEQUANTIZE_BUFFERS.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int64)))
+    buffers = _DEQUANTIZE_BUFFERS.__dict__.setdefault("by_device", {})
+    weight, index = buffers.get(packed.device, (torch.empty(0), torch.empty(0, dtype=torch.int64)))
     if weight.numel() < numel:
         weight = torch.empty(numel, dtype=torch.float32, device=packed.device)
     if index.numel() < n_index:
         index = torch.empty(n_index, dtype=torch.int64, device=packed.device)
-    _DEQUANTIZE_BUFFERS[packed.device] = weight, index
+    buffers[packed.device] = weight, index
     return weight[:numel], index
 
 
@@ -70,7 +74,10 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        return linear_product(grad_y, ctx.layer.transient_weight().to(grad_y.dtype).t()), None
+        # with create_graph the product is recorded and keeps Ŵ: a fresh tensor then, not the shared buffer
+        layer = ctx.layer
+        weight = layer.dequantized_weight() if torch.is_grad_enabled() else layer.transient_weight()
+        return linear_product(grad_y, weight.to(grad_y.dtype).t()), None
 
 
 class _QuantizedLinear(nn.Module):
@@ -80,6 +87,8 @@ class _QuantizedLinear(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise ValueError(f"compute_dtype must be a floating-point dtype, got {compute_dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype, self.backend = compute_dtype, backend
         self.fan_in_fan_out = False  # set by from_weight: the replaced layer stored (in, out)
@@ -112,6 +121,8 @@ class _QuantizedLinear(nn.Module):
         return layer
 
     def _check_weight(self, weight: torch.Tensor) -> None:
+        if not weight.is_floating_point():
+            raise ValueError(f"cannot quantize a {weight.dtype} weight: it must be floating-point")
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"expected a ({self.out_features}, {self.in_features}) weight, got {tuple(weight.shape)}")
         if not torch.isfinite(weight).all():  # a block or row scale would be NaN / inf and its codes garbage
@@ -129,6 +140,9 @@ class _QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} takes inputs of {self.in_features} features (the last "
+                             f"dimension), got shape {tuple(x.shape)}")
         y = _QuantizedMatmul.apply(x.to(self.compute_dtype), self)  # (..., out)
         if self.bias is not None:
             y = y + self.bias
@@ -284,6 +298,10 @@ FORMATS = {"nf4": (Linear4bit, {}), "nf4-dq": (Linear4bit, {"double_quant": True
 
 
 def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or Conv1D that computes its own product: not nn.MultiheadAttention's out_proj, whose
+    weight the attention module reads directly."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -303,6 +321,11 @@ def quantize_model(model: nn.Module, bits: int = 4, skip=HEADS, **config) -> nn.
     layer_cls = {4: Linear4bit, 8: Linear8bit}.get(bits)
     if layer_cls is None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, _QuantizedLinear)]
+    if quantized:
+        raise ValueError(f"the model is already quantized ({len(quantized)} layers, e.g. {quantized[0]}); "
+                         "dequantize_model first to quantize it another way")
     replacements = []  # all layers are quantized before any is replaced: an error leaves the model as it was
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -331,7 +354,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, _QuantizedLinear):
             continue
-        weight = layer.dequantized_weight()  # (out, in) in compute_dtype
+        # in the dtype the weight had (bitsandbytes' quant_state.dtype, which transformers' dequantize keeps)
+        weight = layer.dequantized_weight(layer.source_dtype)  # (out, in)
         if layer.fan_in_fan_out:
             full = Conv1D(layer.in_features, layer.out_features).to(weight.dtype)
             full.weight.copy_(weight.t())

@@ -135,6 +135,8 @@ class NF4State:
 def check_blocksize(numel: int, blocksize: int) -> None:
     if blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"NF4 blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize}")
+    if numel == 0:
+        raise ValueError("NF4 needs a non-empty weight")
     if numel % blocksize:
         raise ValueError(f"NF4 needs the number of weights ({numel}) to be a multiple of blocksize ({blocksize})")
 
@@ -194,6 +196,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant:
     state = NF4State(absmax, weight.shape, weight.dtype, blocksize)
     if double_quant:
         state.offset = absmax.mean()
+        if not torch.isfinite(state.offset):  # float32 overflows summing scales near its maximum
+            raise ValueError(f"double quantization: the mean of the block scales overflows float32 (largest "
+                             f"{absmax.max().item():.3g}); quantize this weight without double quantization")
         state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - state.offset)
     return packed, state
 
@@ -243,14 +248,19 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Te
              of `out` when state.dtype is float32);
     scratch  int64 tensor of at least dequantize_scratch_size(numel / 2) elements for the indices.
     """
+    n_bytes, blocksize = packed.numel(), state.blocksize
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed NF4 codes are uint8, got {packed.dtype}")
+    if state.shape.numel() != 2 * n_bytes or state.absmax.numel() * blocksize != 2 * n_bytes:
+        raise ValueError(f"the state does not fit the codes: {n_bytes} bytes hold {2 * n_bytes} weights, the state "
+                         f"describes shape {tuple(state.shape)} in {state.absmax.numel()} blocks of {blocksize}")
     absmax = dequantize_absmax(state)
     codes = packed.reshape(-1)  # (numel / 2,)
-    n_bytes, blocksize = codes.numel(), state.blocksize
     n_index = dequantize_scratch_size(n_bytes)
     if out is None:
         out = torch.empty(2 * n_bytes, dtype=torch.float32, device=packed.device)
-    elif out.dtype != torch.float32 or out.numel() < 2 * n_bytes:
-        raise ValueError(f"out must be a float32 tensor of at least {2 * n_bytes} elements")
+    elif out.dtype != torch.float32 or out.numel() < 2 * n_bytes or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of at least {2 * n_bytes} elements")
     if scratch is None:
         scratch = torch.empty(n_index, dtype=torch.int64, device=packed.device)
     elif scratch.dtype != torch.int64 or scratch.numel() < n_index:

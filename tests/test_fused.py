@@ -165,6 +165,65 @@ def test_frozen_linear_equals_f_linear(onednn_calls, shape, bias, stored_transpo
     assert len(onednn_calls) == 4
 
 
+def test_second_order_gradient_through_a_frozen_linear_equals_f_linears():
+    """create_graph=True (a gradient penalty on the input): oneDNN's product has no derivative, so the
+    recorded backward product goes through F.linear; the second-order gradient was 0 before."""
+    weights = [torch.randn(32, 32) / 6 for _ in range(2)]
+
+    def penalty(linear):
+        x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y = torch.tanh(linear(torch.tanh(linear(x, weights[0])), weights[1])).pow(2).sum()
+        (g,) = torch.autograd.grad(y, x, create_graph=True)
+        g.pow(2).sum().backward()
+        return g.detach(), x.grad
+
+    ours, ref = penalty(fused.linear), penalty(F.linear)
+    assert ref[1].abs().sum() > 1
+    for a, b in zip(ours, ref):
+        close(a, b, 1e-5)
+
+
+def second_order(loss, *tensors):
+    """Gradients of |d loss / d t0|² (a gradient penalty, create_graph=True) with respect to every tensor."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    (g,) = torch.autograd.grad(loss(*tensors), tensors[0], create_graph=True)
+    g.pow(2).sum().backward()
+    return [g.detach()] + [t.grad for t in tensors]
+
+
+def test_second_order_gradients_of_rms_norm_and_the_lora_layer():
+    """Backward passes that save a value of the forward recompute it as a function of the inputs under
+    create_graph, so second derivatives equal autograd's of the textbook formula (1/rms and h = x Aᵀ
+    were constants of the second derivative before)."""
+    from lora.layer import LoRALinear
+
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8), torch.rand(8) + 0.5
+    ours = second_order(lambda x, w: fused.rms_norm(x, w, 1e-6).pow(3).sum(), x, w)
+    ref = second_order(lambda x, w: rms_norm_reference(x, w, 1e-6).pow(3).sum(), x, w)
+    for a, b in zip(ours, ref):
+        close(a, b, 1e-5)
+
+    lora = LoRALinear(fused.Linear(8, 6))
+    lora.add_adapter("default", rank=2, alpha=4)
+    nn.init.normal_(lora.lora_B["default"].weight)
+    A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    W, b = lora.base_layer.weight, lora.base_layer.bias
+    ours = second_order(lambda x: lora(x).pow(3).sum(), x)
+    ours_factors = [A.grad.clone(), B.grad.clone()]
+    A.grad = B.grad = None
+    ref = second_order(lambda x: (F.linear(x, W, b) + 2.0 * F.linear(F.linear(x, A), B)).pow(3).sum(), x)
+    for a, b in zip(ours + ours_factors, ref + [A.grad, B.grad]):
+        close(a, b, 1e-5)
+
+
+def test_chunked_cross_entropy_refuses_a_second_order_gradient():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = fused.linear_cross_entropy(hidden, torch.randn(5, 8), None, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
 def test_linear_with_a_trained_weight_or_autocast_is_f_linear(onednn_calls):
     """A weight or bias that trains gets its gradient from F.linear; autocast keeps its dtype."""
     layer, reference, x = fused.Linear(24, 16), nn.Linear(24, 16), torch.randn(3, 5, 24)

@@ -12,8 +12,8 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from bnb_reference import bnb_dequantize, fp32_linear4bit
 from quant import nf4
-from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_nf4, int8_matmul, model_bytes,
-                   quantize_model, quantize_nf4, vectorwise_quantize)
+from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, Linear8bit, dequantize_model, dequantize_nf4, int8_matmul,
+                   model_bytes, quantize_model, quantize_nf4, vectorwise_quantize)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # all that bitsandbytes accepts
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -119,6 +119,97 @@ def test_linear4bit_layers_share_the_dequantize_buffer_safely():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_each_thread_dequantizes_into_its_own_buffer():
+    """Models run from several threads (a server's pool) must not overwrite each other's Ŵ: each thread
+    gets its own buffer, and outputs computed concurrently equal those computed alone."""
+    import threading
+
+    from quant.linear import _dequantize_buffers
+
+    torch.manual_seed(0)
+    layers = [Linear4bit.from_linear(nn.Linear(256, 256)) for _ in range(2)]
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        alone = [layer(x) for layer in layers]
+    barrier, pointers, wrong = threading.Barrier(2), [None, None], [0, 0]
+
+    def work(i):
+        pointers[i] = _dequantize_buffers(layers[i].weight_packed)[0].data_ptr()
+        barrier.wait()
+        with torch.no_grad():
+            wrong[i] = sum(not torch.equal(layers[i](x), alone[i]) for _ in range(100))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pointers[0] != pointers[1] and wrong == [0, 0]
+
+
+@pytest.mark.parametrize("layer_cls, backend", [(Linear4bit, "ours"), (Linear8bit, "ours"), (Linear8bit, "bnb")])
+def test_quantized_layers_refuse_inputs_of_another_width(layer_cls, backend):
+    """As nn.Linear does: (2, 128) into a 64-input layer was a (4, 32) output from the int8 layer."""
+    layer = layer_cls.from_linear(nn.Linear(64, 32), backend=backend)
+    for shape in ((2, 128), (4, 48), (3, 2, 96)):
+        with pytest.raises(ValueError, match="takes inputs of 64 features"):
+            layer(torch.randn(shape))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_second_order_gradients_through_quantized_layers(double_quant):
+    """create_graph=True (a gradient penalty on the input): the second-order gradient through two frozen
+    4-bit layers equals the one through their dequantized weights (it was 0 on oneDNN's product). (The
+    int8 layers' forward quantizes x too, so no plain product is their reference.)"""
+    torch.manual_seed(0)
+    layers = [Linear4bit.from_linear(nn.Linear(64, 64), double_quant=double_quant) for _ in range(2)]
+    weights = [layer.dequantized_weight().clone() for layer in layers]
+
+    def penalty(forward):
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (g,) = torch.autograd.grad(torch.tanh(forward(torch.tanh(forward(x, 0)), 1)).pow(2).sum(), x, create_graph=True)
+        g.pow(2).sum().backward()
+        return g.detach(), x.grad
+
+    def reference(x, i):
+        return F.linear(x, weights[i], layers[i].bias)
+
+    ours, ref = penalty(lambda x, i: layers[i](x)), penalty(reference)
+    assert ref[1].abs().sum() > 1
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_dequantize_model_gives_back_the_weights_dtype():
+    """A bf16 model quantized (compute in fp32) and dequantized runs again, in bf16, as transformers'
+    dequantize keeps bitsandbytes' quant_state.dtype; it used to build fp32 layers that bf16 inputs broke."""
+    torch.manual_seed(0)
+    model = MiniModel().to(torch.bfloat16)
+    quantize_model(model, bits=4)
+    expected = model.blocks[0].dequantized_weight(torch.bfloat16)
+    dequantize_model(model)
+    assert model.blocks[0].weight.dtype == torch.bfloat16 and torch.equal(model.blocks[0].weight, expected)
+    logits, _ = model(torch.randint(0, 50, (2, 5)))
+    assert logits.dtype == torch.bfloat16
+
+
+def test_quantize_model_refuses_a_quantized_model_and_reads_one_skip_name():
+    model = MiniModel()
+    quantize_model(model, bits=4, skip="lm_head")  # a string is one name, not its characters
+    assert type(model.lm_head) is nn.Linear and isinstance(model.pre_classifier, Linear4bit)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, bits=8)  # used to return without a word, the layers still 4-bit
+
+
+def test_multihead_attentions_out_proj_is_not_quantized():
+    """nn.MultiheadAttention reads out_proj.weight itself: replacing the layer broke its forward."""
+    attention = nn.MultiheadAttention(64, 4, batch_first=True)
+    quantize_model(nn.Sequential(attention))
+    assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    x = torch.randn(2, 5, 64)
+    attention(x, x, x)
+
+
 def test_nf4_ties_and_rounding():
     """Values exactly on a midpoint between two levels go to the lower level, as in bitsandbytes."""
     midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -149,6 +240,29 @@ def test_nf4_bad_inputs():
         quantize_nf4(torch.ones(64, dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple of blocksize"):
         Linear4bit.from_linear(nn.Linear(10, 3))
+    with pytest.raises(ValueError, match="non-empty"):
+        quantize_nf4(torch.zeros(0, 64))
+    with pytest.raises(ValueError, match="floating-point"):
+        Linear8bit.from_weight(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="compute_dtype must be a floating-point"):
+        Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=torch.int32)  # gave all zeros
+    with pytest.raises(ValueError, match="mean of the block scales overflows"):  # was an IndexError deep inside
+        quantize_nf4(torch.full((64 * 64,), 3e37), double_quant=True)
+
+
+def test_dequantize_nf4_bad_inputs():
+    """Codes and a state that do not belong together are an error, not values off by up to 2.4."""
+    import dataclasses
+
+    packed, state = quantize_nf4(torch.randn(64, 128))
+    with pytest.raises(ValueError, match="does not fit the codes"):
+        dequantize_nf4(packed, dataclasses.replace(state, blocksize=128))
+    with pytest.raises(ValueError, match="does not fit the codes"):
+        dequantize_nf4(packed[:1024], state)
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_nf4(packed.view(torch.int8), state)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        dequantize_nf4(packed, state, out=torch.empty(2 * 64 * 128, 2)[:, 0])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
