@@ -39,7 +39,10 @@ UNREAD_DATA_SUFFIXES = COMPRESSED + (".tsv", ".arrow")
 LABEL_PROMPT = "Review: {text}\nSentiment:"
 DEFAULT_LABEL_WORDS = "negative,positive"  # generate-label's words for labels 0 and 1
 LABELS_FILE = "labels.json"  # {"labels": [...]} in head order: train.py writes it beside the adapter
-PAIR_PROMPTS = {"question": "Question: {}\nAnswer: ", "document": "{}\nSummary: ", "prompt": "{}"}
+# (prompt, answer) formats of each pair's columns. The answer brings its own leading space, so prompt and
+# answer tokenize as their joined text does ("Answer:" + " The" is "Answer", ":", " The", where a prompt
+# ending in a space would give "Answer", ":", " " and then "The"); prompt/completion columns are used as given.
+PAIR_FORMATS = {"question": ("Question: {}\nAnswer:", " {}"), "document": ("{}\nSummary:", " {}"), "prompt": ("{}", "{}")}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -369,11 +372,14 @@ def encode_texts(tokenizer, texts, pairs, max_length):
     return [dict(zip(keys, values)) for values in zip(*(encoded[k] for k in keys))]
 
 
-def encode_prompt_answer(prompt_ids, answer_ids, max_length):
-    """input_ids = prompt + answer, labels = -100 on the prompt; the prompt is cut from the left to fit."""
-    answer_ids = answer_ids[:max_length]
-    keep = max_length - len(answer_ids)
-    prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+def encode_prompt(tokenizer, text, max_length):
+    """The prompt's token ids, at most max_length (none for 0): the text is cut from the left and the
+    tokenizer's leading special tokens (BOS) stay, as transformers' truncation_side="left" keeps them."""
+    return tokenizer.encode(text, max_length=max_length, truncation_side="left") if max_length > 0 else []
+
+
+def prompt_answer(prompt_ids, answer_ids):
+    """input_ids = prompt + answer, labels = -100 on the prompt."""
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 
@@ -392,9 +398,9 @@ def encode_generate_label(rows, tokenizer, max_length, words, names, split):
     text = text_column(rows)
     examples = []
     for row, y in zip(rows, label_ids(rows, names, split)):
-        prompt = tokenizer.encode(LABEL_PROMPT.format(text=row[text]))
-        example = encode_prompt_answer(prompt, word_ids[y], max_length)
-        examples.append({**example, "label": y, "prompt_ids": prompt[-(max_length - room):]})
+        # every prompt is cut to the same room, whatever its label's word (scoring sees the same prompt)
+        prompt = encode_prompt(tokenizer, LABEL_PROMPT.format(text=row[text]), max_length - room)
+        examples.append({**prompt_answer(prompt, word_ids[y]), "label": y, "prompt_ids": prompt})
     return examples
 
 
@@ -404,10 +410,12 @@ def encode_causal_lm(rows, tokenizer, max_length):
     examples = []
     for row in rows:
         if pair:
-            prompt = tokenizer.encode(PAIR_PROMPTS[pair[0]].format(row[pair[0]]))
-            answer = tokenizer.encode(str(row[pair[1]]), add_special_tokens=False) + eos
-            # the prompt that ROUGE's generations continue: cut from the left as in training
-            examples.append({**encode_prompt_answer(prompt, answer, max_length), "prompt_ids": prompt[-max_length:],
+            prompt_format, answer_format = PAIR_FORMATS[pair[0]]
+            prompt = prompt_format.format(row[pair[0]])
+            answer = (tokenizer.encode(answer_format.format(row[pair[1]]), add_special_tokens=False) + eos)[:max_length]
+            example = prompt_answer(encode_prompt(tokenizer, prompt, max_length - len(answer)), answer)
+            # the prompt that ROUGE's generations continue, cut from the left as in training
+            examples.append({**example, "prompt_ids": encode_prompt(tokenizer, prompt, max_length),
                              "reference": str(row[pair[1]])})
         else:
             ids = tokenizer.encode(str(row[text]))[:max_length]

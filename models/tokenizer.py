@@ -1,22 +1,35 @@
-"""The tokenizer of a checkpoint: its tokenizer.json run by the `tokenizers` library.
+"""The tokenizer of a checkpoint: its tokenizer.json run by the `tokenizers` library, read as
+transformers 5 reads the folder.
 
 tokenizer.json holds the vocabulary, the normaliser/pre-tokeniser and the template that adds
-special tokens ([CLS] ... [SEP] for BERT); tokenizer_config.json and special_tokens_map.json name
-the special tokens. Padding and truncation stored inside tokenizer.json are ignored, as
-transformers ignores them: they are chosen per call. Decoders without a pad token pad with eos.
-A BERT tokenizer's normaliser (lowercasing, accents, Chinese characters) comes from tokenizer_config.json,
-as transformers 5 builds it, where the two files disagree.
+special tokens ([CLS] ... [SEP] for BERT); tokenizer_config.json names the special tokens, and
+special_tokens_map.json overrides it where tokenizer_config.json has no added_tokens_decoder (older
+checkpoints; newer ones keep everything in tokenizer_config.json and transformers then ignores the
+map). The named special tokens (pad, eos, bos, ...) are skipped when decoding, also if tokenizer.json
+does not flag them special. Padding and truncation stored in tokenizer.json give the pad token and the padding and
+truncation sides where tokenizer_config.json does not; lengths are chosen per call. Decoders without
+a pad token pad with eos. A BERT tokenizer's normaliser (lowercasing, accents, Chinese characters)
+comes from tokenizer_config.json, as transformers 5 builds it (also when only config.json's
+model_type names BERT), where the two files disagree. Other tokenizer classes that transformers 5
+rebuilds from their own definition (LlamaTokenizer's Metaspace, GPT2Tokenizer's add_prefix_space)
+are read as their tokenizer.json says, which matches transformers on the Hub's files.
 """
 import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.normalizers import BertNormalizer
 
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what save() copies: the files read here, the chat template transformers 5 saves beside them, and
+# generation_config.json, whose eos ids stop generation
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+         "chat_template.json", "generation_config.json")
 # transformers 5 builds these classes' normaliser from tokenizer_config.json, whatever tokenizer.json holds
 BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast")
+MODEL_TYPE_TOKENIZER_CLASSES = {"bert": "BertTokenizer", "distilbert": "DistilBertTokenizer"}  # when no file names one
+SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "cls", "sep", "mask")
 
 
 def _token_text(value):
@@ -30,16 +43,17 @@ def _read_json(path):
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, special_tokens, model_max_length, folder=None):
+    def __init__(self, tokenizer, special_tokens, model_max_length, folder=None, clean_up_tokenization_spaces=False):
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.padding_side = self.truncation_side = "right"  # from_folder reads tokenizer_config.json's
         self.folder = folder
         self.model_input_names = ["input_ids", "attention_mask"]  # from_folder adds token types for BERT
         self.stop_token_ids = []  # the ids that end generation; from_folder reads them
-        for name in ("pad", "eos", "bos", "unk", "cls", "sep"):
+        for name in SPECIAL_NAMES:
             text = special_tokens.get(name)
             setattr(self, f"{name}_token_id", None if text is None else tokenizer.token_to_id(text))
 
@@ -54,12 +68,18 @@ class Tokenizer:
             tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust library raises a bare Exception with its parser's message
             raise LoadError(f"{folder / 'tokenizer.json'}: the tokenizers library cannot read it ({e})") from None
-        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-        if config.get("tokenizer_class") in BERT_TOKENIZER_CLASSES:
+        config = _read_json(folder / "tokenizer_config.json")
+        if "added_tokens_decoder" not in config:  # transformers' older layout: the map's entries win
+            config = {**config, **_read_json(folder / "special_tokens_map.json")}
+        tokenizer_class = (config.get("tokenizer_class") or cfg.get("tokenizer_class")
+                           or MODEL_TYPE_TOKENIZER_CLASSES.get(cfg.get("model_type")))
+        if tokenizer_class in BERT_TOKENIZER_CLASSES:
             tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
                                             strip_accents=config.get("strip_accents"),
                                             lowercase=config.get("do_lower_case", True))
-        special = {name: _token_text(config.get(f"{name}_token")) for name in ("pad", "eos", "bos", "unk", "cls", "sep")}
+        stored_padding, stored_truncation = tok.padding or {}, tok.truncation or {}
+        special = {name: _token_text(config.get(f"{name}_token")) for name in SPECIAL_NAMES}
+        special["pad"] = special["pad"] or stored_padding.get("pad_token")
         for name in ("eos", "bos", "pad"):  # fall back to the model config's ids (GPT-2 names none in its files)
             token_id = cfg.get(f"{name}_token_id")
             token_id = token_id[0] if isinstance(token_id, list) else token_id
@@ -67,13 +87,32 @@ class Tokenizer:
                 special[name] = tok.id_to_token(token_id)
         if special["pad"] is None:
             special["pad"] = special["eos"]
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        extra = [_token_text(t) for t in (extra if isinstance(extra, list) else extra.values())]
+        # transformers skips the named special tokens when decoding, flagged special in tokenizer.json or not;
+        # other listed ones only if it has to add them (they are in the vocabulary but not added tokens)
+        added = tok.get_added_tokens_decoder()  # id -> AddedToken
+        flagged = []
+        named = [t for t in special.values() if t is not None]
+        for text in dict.fromkeys([*named, *extra]):
+            token_id = tok.token_to_id(text)
+            known = added.get(token_id)
+            if token_id is None or (known is not None and (known.special or text not in named)):
+                continue
+            flagged.append(AddedToken(text, special=True, normalized=False) if known is None else
+                           AddedToken(text, special=True, normalized=known.normalized, lstrip=known.lstrip,
+                                      rstrip=known.rstrip, single_word=known.single_word))
+        tok.add_special_tokens(flagged)
         max_length = config.get("model_max_length")
         if not isinstance(max_length, int) or max_length > 10**8:
             max_length = max_positions(cfg)
-        tokenizer = cls(tok, special, max_length, folder)
-        for side in ("padding_side", "truncation_side"):
-            if config.get(side) in ("left", "right"):
-                setattr(tokenizer, side, config[side])
+        # the cleanup transformers applies after decoding, which it skips for BPE vocabularies
+        clean_up = config.get("clean_up_tokenization_spaces") is True and type(tok.model).__name__ != "BPE"
+        tokenizer = cls(tok, special, max_length, folder, clean_up)
+        for side, stored in (("padding_side", stored_padding), ("truncation_side", stored_truncation)):
+            value = config.get(side) or str(stored.get("direction", "")).lower()
+            if value in ("left", "right"):
+                setattr(tokenizer, side, value)
         # transformers' generate stops at generation_config.json's eos ids (Qwen2.5-Instruct lists two), else at
         # config.json's; answers are trained to end with the tokenizer's eos, so that one stops generation too
         stops = _read_json(folder / "generation_config.json").get("eos_token_id", cfg.get("eos_token_id"))
@@ -87,8 +126,16 @@ class Tokenizer:
     def vocab_size(self):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text, add_special_tokens=True):
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text, add_special_tokens=True, max_length=None, truncation_side=None):
+        """Token ids of one text; with max_length the text is cut (from truncation_side, default the
+        tokenizer's) so that it fits with its special tokens, which stay."""
+        if max_length is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        self.tokenizer.enable_truncation(max_length, direction=truncation_side or self.truncation_side)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self.tokenizer.no_truncation()
 
     def __call__(self, texts, padding=True, truncation=False, max_length=None, add_special_tokens=True,
                  return_tensors="pt", text_pairs=None):
@@ -124,13 +171,18 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces:  # transformers' clean_up_tokenization (WordPiece's " ." etc.)
+            for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(spaced, joined)
+        return text
 
     def batch_decode(self, rows, skip_special_tokens=True):
         return [self.decode(row, skip_special_tokens) for row in rows]
 
     def save(self, folder):
-        """Copy the tokenizer files next to an adapter, so the output folder is self-contained."""
+        """Copy the tokenizer's files (FILES) next to an adapter or model, so the output folder is self-contained."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         for name in FILES:
             source = None if self.folder is None else Path(self.folder) / name

@@ -595,6 +595,96 @@ def test_tokenizer_config_sides(tiny, tmp_path):
         hf(texts, padding=True, truncation=True, max_length=4)["input_ids"]
 
 
+def edit_json(path, change):
+    data = json.loads(path.read_text()) if path.exists() else {}
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("added_tokens_decoder", [False, True])
+def test_special_tokens_map_wins_only_in_the_older_layout(tiny, tmp_path, added_tokens_decoder):
+    """transformers reads special_tokens_map.json over tokenizer_config.json, unless the config holds
+    added_tokens_decoder (the newer layout), and then ignores the map; ours read the config over the map."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    edit_json(folder / "tokenizer_config.json", lambda c: c.update(
+        eos_token={"__type": "AddedToken", "content": "<unk>", "special": True}, pad_token="<s>",
+        **({"added_tokens_decoder": {"0": {"content": "<unk>", "special": True}}} if added_tokens_decoder else {})))
+    edit_json(folder / "special_tokens_map.json", lambda m: m.update(eos_token="</s>", pad_token="</s>"))
+    tok, hf = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(str(folder))
+    assert (tok.eos_token_id, tok.pad_token_id) == (hf.eos_token_id, hf.pad_token_id)
+    assert tok.eos_token_id == (0 if added_tokens_decoder else 2)
+
+
+def test_named_special_tokens_are_skipped_when_decoding(tiny, tmp_path):
+    """eos named in tokenizer_config.json but not flagged special in tokenizer.json: transformers still
+    skips it (its text leaked into generations and ROUGE before)."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("qwen2", "causal-lm", tmp_path / "ck")
+    edit_json(folder / "tokenizer.json", lambda t: [a.update(special=False) for a in t["added_tokens"]])
+    tok, hf = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(str(folder))
+    ids = hf("Hi there")["input_ids"] + [tok.eos_token_id] + hf(" you")["input_ids"]
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "Hi there you"
+    assert tok.encode("a<|endoftext|>b") == hf("a<|endoftext|>b")["input_ids"]
+
+
+def test_padding_and_truncation_stored_in_tokenizer_json_are_defaults(tiny, tmp_path):
+    """tokenizer.json's stored padding (pad token, side) and truncation side apply where tokenizer_config.json
+    says nothing, as transformers takes them; they were ignored (right padding with eos)."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    edit_json(folder / "tokenizer.json", lambda t: t.update(
+        padding={"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None, "pad_id": 0,
+                 "pad_type_id": 0, "pad_token": "<unk>"},
+        truncation={"direction": "Left", "max_length": 512, "strategy": "LongestFirst", "stride": 0}))
+    tok, hf = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(str(folder))
+    assert (tok.padding_side, tok.truncation_side, tok.pad_token_id) == (hf.padding_side, hf.truncation_side,
+                                                                         hf.pad_token_id) == ("left", "left", 0)
+    texts = ["a b", "the quick brown fox jumps over the lazy dog"]
+    assert tok(texts, truncation=True, max_length=5)["input_ids"].tolist() == \
+        hf(texts, padding=True, truncation=True, max_length=5)["input_ids"]
+    edit_json(folder / "tokenizer_config.json", lambda c: c.update(padding_side="right", truncation_side="right"))
+    tok, hf = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(str(folder))
+    assert (tok.padding_side, tok.truncation_side) == (hf.padding_side, hf.truncation_side) == ("right", "right")
+
+
+def test_clean_up_tokenization_spaces(minilm, tmp_path):
+    """A WordPiece tokenizer with clean_up_tokenization_spaces decodes "do n't" as "don't", as transformers does."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(minilm, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(next(minilm.glob("*.safetensors")), folder)
+    edit_json(folder / "tokenizer_config.json", lambda c: c.update(clean_up_tokenization_spaces=True))
+    tok, hf = load_model(folder, task="base")[1], AutoTokenizer.from_pretrained(str(folder))
+    ids = hf("Hello, world. I don't know, he's here!")["input_ids"]
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "hello, world. i don't know, he's here!"
+
+
+def test_saved_folders_keep_the_chat_template_and_stop_ids(tiny, tmp_path):
+    """A merged or adapter folder is self-contained: transformers 5 keeps a chat template only in
+    chat_template.jinja, and generation_config.json's eos ids stop generation; both were left behind."""
+    from lora import LoraConfig, apply_lora, merge_and_unload
+    from models import save_model
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("qwen2", "causal-lm", tmp_path / "ck")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
+    edit_json(folder / "generation_config.json", lambda g: g.update(eos_token_id=[0, 5]))
+    model, tok = load_model(folder, task="causal-lm")
+    apply_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    save_model(merge_and_unload(model), tmp_path / "merged", tok)
+    assert load_model(tmp_path / "merged", task="causal-lm")[1].stop_token_ids == tok.stop_token_ids == [0, 5]
+    messages = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).apply_chat_template(messages, tokenize=False) == \
+        AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False) == "<|user|>hi"
+
+
 def test_folder_without_config(tiny, tmp_path):
     folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
     (folder / "config.json").unlink()
@@ -731,6 +821,7 @@ def test_save_model_into_the_folder_it_came_from(tiny, tmp_path):
     (True, {"tokenize_chinese_chars": False}),
     (True, {"strip_accents": False}),
     (False, {"do_lower_case": False, "strip_accents": True}),
+    (False, {"tokenizer_class": None}),  # no class named (bert-base-uncased): config.json's model_type picks BERT's
 ])
 def test_bert_tokenizer_normalizer_from_tokenizer_config(tiny, tmp_path, tokenizer_json_lowercase, config):
     """transformers 5 builds a BertTokenizer's normalizer from tokenizer_config.json, not tokenizer.json."""
@@ -743,7 +834,8 @@ def test_bert_tokenizer_normalizer_from_tokenizer_config(tiny, tmp_path, tokeniz
     path.write_text(json.dumps(data))
     path = folder / "tokenizer_config.json"
     cfg = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("do_lower_case", "strip_accents")}
-    path.write_text(json.dumps({**cfg, "tokenizer_class": "BertTokenizer", **config}))
+    cfg = {**cfg, "tokenizer_class": "BertTokenizer", **config}
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     tok, hf = load_model(folder, task="base")[1], AutoTokenizer.from_pretrained(str(folder))
     assert type(hf).__name__ == "BertTokenizer"
     for text in ["The Quick brown fox jumps", "café Naïve 東京 the lazy dog"]:

@@ -641,10 +641,11 @@ def test_seq_cls_metrics_equal_hand_computation(tmp_path, family, num_labels):
 
 
 def hf_example(hf_tok, row):
-    """input_ids / labels built with transformers' tokenizer: -100 on the prompt, the answer + eos scored."""
+    """input_ids / labels built with transformers' tokenizer: -100 on the prompt, the answer (with its leading
+    space) + eos scored."""
     if "question" in row:
-        prompt = hf_tok(f"Question: {row['question']}\nAnswer: ")["input_ids"]
-        answer = hf_tok(row["answer"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
+        prompt = hf_tok(f"Question: {row['question']}\nAnswer:")["input_ids"]
+        answer = hf_tok(" " + row["answer"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
         return prompt + answer, [-100] * len(prompt) + answer
     ids = hf_tok(row["text"])["input_ids"]
     return ids, list(ids)
@@ -671,7 +672,7 @@ def test_perplexity_equals_transformers(tiny, family, kind):
             loss = hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
             total, count = total + loss * n, count + n
     if kind == "pairs":
-        assert count == sum(len(hf_tok(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+        assert count == sum(len(hf_tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
@@ -1166,10 +1167,65 @@ def test_json_rows_must_be_objects_and_a_damaged_state_is_one_line(tiny, tmp_pat
             run(folder, dataset, out, "--max-steps", 2, "--batch-size", 4, "--resume")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "llama"])
+def test_prompt_and_answer_tokenize_as_their_joined_text(tiny, family):
+    """A careful transformers user tokenizes prompt + answer as one text (TRL's prompt/completion
+    datasets do): the answer's first word keeps its leading-space token. Before, the prompt ended in a
+    space, which became a token of its own ("Answer", ":", " ", "The" instead of "Answer", ":", " The")."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.folder(family, "causal-lm")
+    tok, reference = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(folder)
+    rows = [{"question": "how many legs does a spider have?", "answer": "The spider has 8 legs."},
+            {"document": "The cat sat on the mat all day.", "summary": "A cat rested."}]
+    for row in rows:
+        (example,) = data.encode([row], "causal-lm", tok, 64)
+        prompt, answer = (f.format(v) for f, v in zip(data.PAIR_FORMATS[next(iter(row))], row.values()))
+        joined = reference(prompt + answer)["input_ids"] + [tok.eos_token_id]
+        assert example["input_ids"] == joined
+        assert example["labels"][:len(example["prompt_ids"])] == [-100] * len(example["prompt_ids"])
+        assert example["labels"][len(example["prompt_ids"]):] == reference(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_a_prompt_cut_from_the_left_keeps_bos(tiny):
+    """Cutting a long prompt keeps the tokenizer's BOS in front, as transformers' truncation_side="left"
+    does; the ids used to be cut after BOS was added, so every cut prompt started mid-text without it."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.folder("llama", "causal-lm")
+    tok, reference = load_model(folder, task="causal-lm")[1], AutoTokenizer.from_pretrained(folder, truncation_side="left")
+    question = "The quick brown fox jumps over the lazy dog. " * 4
+    (example,) = data.encode([{"question": question, "answer": "It was."}], "causal-lm", tok, 24)
+    prompt = data.PAIR_FORMATS["question"][0].format(question)
+    n_prompt = example["labels"].count(-100)
+    assert example["input_ids"][:n_prompt] == reference(prompt, truncation=True, max_length=n_prompt)["input_ids"]
+    assert example["prompt_ids"] == reference(prompt, truncation=True, max_length=24)["input_ids"]
+    assert example["input_ids"][0] == example["prompt_ids"][0] == tok.bos_token_id
+
+    review = {"text": "This movie was terrible, a complete waste of time. " * 5, "label": 0}
+    (example,) = data.encode([review], "generate-label", tok, 20, names=[0, 1], words=["negative", "positive"])
+    assert example["input_ids"][0] == example["prompt_ids"][0] == tok.bos_token_id
+    assert example["prompt_ids"] == reference(data.LABEL_PROMPT.format(text=review["text"]), truncation=True,
+                                              max_length=len(example["prompt_ids"]))["input_ids"]
+
+
+def test_generate_label_cuts_every_prompt_to_the_same_room(tiny):
+    """With label words of different lengths, each training prompt is cut to leave room for the longest word
+    (as scoring cuts them); before, a label's own word length set its prompt's, which leaked the label."""
+    tok = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")[1]
+    words = ["bad", "unfavourable and disappointing"]
+    rows = [{"text": "word " * 100, "label": y} for y in (0, 1)]
+    examples = data.encode(rows, "generate-label", tok, 40, names=[0, 1], words=words)
+    room = max(len(ids) for ids in data.label_word_ids(tok, words))
+    assert [len(e["prompt_ids"]) for e in examples] == [40 - room] * 2
+    assert [e["labels"].count(-100) for e in examples] == [40 - room] * 2
+    assert examples[0]["input_ids"][:40 - room] == examples[1]["input_ids"][:40 - room]
+
+
 def test_rouge_prompts_are_cut_to_max_length_and_must_leave_room(tiny, tmp_path):
     tok = load_model(tiny.folder("gpt2", "causal-lm"), task="causal-lm")[1]
     rows = [{"question": "how many legs does a spider have, and how many does an ant have? " * 3, "answer": "8 and 6"}]
-    prompt = tok.encode(data.PAIR_PROMPTS["question"].format(rows[0]["question"]))
+    prompt = tok.encode(data.PAIR_FORMATS["question"][0].format(rows[0]["question"]))
     assert len(prompt) > 20
     (example,) = data.encode(rows, "causal-lm", tok, 20)
     assert example["prompt_ids"] == prompt[-20:]  # as the training input's prompt is cut: from the left
