@@ -366,6 +366,11 @@ def encode_classification(rows, tokenizer, max_length, names, split):
 
 def encode_texts(tokenizer, texts, pairs, max_length):
     """{"input_ids"} per text, or per (text, pair) with "token_type_ids" too where the model embeds them."""
+    specials = tokenizer.tokenizer.num_special_tokens_to_add(pairs is not None)
+    if max_length < specials + (2 if pairs is not None else 1):  # the tokenizer would then not cut at all
+        kind = "sentence pair" if pairs is not None else "text"
+        raise DataError(f"--max-length {max_length} leaves no room for the text: this tokenizer adds {specials} special "
+                        f"tokens to each {kind}; use at least {specials + (2 if pairs is not None else 1)}")
     encoded = tokenizer(texts, text_pairs=pairs, padding=False, truncation=True, max_length=max_length,
                         return_tensors=None)
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded and k in tokenizer.model_input_names]
@@ -432,7 +437,7 @@ def parse_label_words(label_words, names, task):
         return None
     words = [w.strip() for w in label_words.split(",")]
     if len(words) != len(names):
-        raise DataError(f"--label-words gives {len(words)} words for {len(names)} labels {names}")
+        raise DataError(f"--label-words gives {len(words)} word{'s' * (len(words) != 1)} for {len(names)} labels {names}")
     if "" in words or len(set(words)) < len(words):  # two labels with one word could never be told apart
         raise DataError(f"--label-words must give a different, non-empty word for each label, got {words}")
     return words

@@ -76,8 +76,9 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     g.add_argument("--target-modules", default=None, help="comma-separated module names, or all-linear (every "
                    "linear layer but the output layer, as peft's shorthand) (default: the architecture's)")
-    g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full "
-                   "(default: the classification head, and BERT's pooler)")
+    g.add_argument("--modules-to-save", default=None, help="comma-separated modules trained in full; a "
+                   "classifier always trains its head too, as in peft (default: the head, and BERT's pooler; \"\": "
+                   "the head alone)")
     g.add_argument("--use-rslora", action="store_true", help="scale alpha / sqrt(r)")
     g.add_argument("--use-dora", action="store_true", help="weight-decomposed LoRA")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
@@ -117,8 +118,9 @@ def parse_args(argv=None):
                    "(default: the repository's runs/<model>-<dataset>-<method>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     g.add_argument("--save-merged", action="store_true",
-                   help="lora: also write the model with the adapter merged in, in full precision (a quantized "
-                        "base is dequantized first, not requantized), as a plain checkpoint in <output-dir>/merged")
+                   help="lora: also write the model with the adapter merged in, in --dtype (a quantized base is "
+                        "dequantized to the dtype it was loaded in first, not requantized), as a plain checkpoint in "
+                        "<output-dir>/merged")
     args = p.parse_args(argv)
     for name, value in vars(args).items():  # nan or inf: argparse's float() takes "nan" and "inf"
         if isinstance(value, float) and not math.isfinite(value):
@@ -132,6 +134,14 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.seed < 2**32:  # numpy's generator takes no other
+        p.error(f"--seed must be in [0, 2^32 - 1], got {args.seed}")
+    for name in ("target_modules", "modules_to_save"):
+        value = getattr(args, name)
+        if value is not None and value.strip() and "" in [x.strip() for x in value.split(",")]:
+            p.error(f"--{name.replace('_', '-')} has an empty name in {value!r}")
+    if args.target_modules is not None and not args.target_modules.strip():
+        p.error("--target-modules is empty; name the layers to adapt, or leave the flag out for the defaults")
     if args.method == "prompt" and args.prompt_init == "text" and not args.prompt_init_text.strip():
         p.error("--prompt-init text needs a --prompt-init-text (or use --prompt-init random or sample_vocab)")
     if args.prompt_init != "text" and args.prompt_init_text != p.get_default("prompt_init_text"):
@@ -307,14 +317,36 @@ def replace_folder(folder, write):
             shutil.rmtree(old)
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, state):
+def link_or_copy(source, target):
+    """A hard link (no copy of the bytes) where the file system allows one, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def save_checkpoint(folder, model, optimizer, scheduler, state, best=None):
+    """The checkpoint --resume continues from; `best` (best/trainable.safetensors) goes with it, so that a run
+    resumed from here reports and saves the same best weights (best/ may hold a later step's by then)."""
     def write(tmp):
         tmp.mkdir(parents=True)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json(tmp / "state.json", state)
+        if best is not None:
+            link_or_copy(best, tmp / "best.safetensors")
 
     replace_folder(folder, write)
+
+
+def restore_best(out, best_step):
+    """best/ as it was when the checkpoint was written (a run killed later may have replaced it)."""
+    kept = out / "checkpoint" / "best.safetensors"
+    if kept.exists():
+        replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), link_or_copy(kept, tmp / "trainable.safetensors")))
+    elif best_step is None:  # no evaluation before the checkpoint: any best/ is a later one's
+        recover_folder(out / "best")
+        shutil.rmtree(out / "best", ignore_errors=True)
 
 
 def step_seed(seed, step, rank):
@@ -469,7 +501,7 @@ def build_model(args, folder, cfg, task, num_labels):
 
 def add_method(args, model, tokenizer):
     if args.method == "lora":
-        split = lambda s: [x.strip() for x in s.split(",")] if s else None  # noqa: E731
+        split = lambda s: None if s is None else [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
         # apply_lora lets a module to save match nothing (peft's files name heads of every architecture);
         # a name typed here must match
         for name in split(args.modules_to_save) or []:
@@ -583,7 +615,7 @@ def main(argv=None):
         print("note: full fine-tuning of bfloat16 weights keeps no float32 copy, so most AdamW updates round away; "
               "--dtype float32 (with --autocast for bf16 compute) trains them", file=sys.stderr)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)  # the last step of an epoch may be short
-    total_steps = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))  # as Trainer rounds
     if args.lr is None:
         args.lr = default_lr(args.method, task, total_steps)
     if is_main:
@@ -606,6 +638,8 @@ def main(argv=None):
         except (RuntimeError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:  # torch.load's,
             # the states' (weights_only refuses anything but tensors and plain containers: UnpicklingError)
             raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
+        if is_main:
+            restore_best(out, state["best_step"])
     virtual = getattr(model, "virtual_tokens", 0)  # a soft prompt's positions: its last one predicts the first token
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     train_model = ddp or model
@@ -616,7 +650,8 @@ def main(argv=None):
 
     def checkpoint():
         if is_main:
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state)
+            best = out / "best" / "trainable.safetensors" if state["best_step"] is not None else None
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, best)
 
     def evaluate_step():
         """Evaluate after this step, keep the best weights; whether early stopping ends the run."""
@@ -627,8 +662,9 @@ def main(argv=None):
             state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
             state["best_metrics"] = result
             if is_main:
-                (out / "best").mkdir(parents=True, exist_ok=True)
-                save_file(trainable_state(model), str(out / "best" / "trainable.safetensors"))
+                weights = trainable_state(model)
+                replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True),
+                                                          save_file(weights, str(tmp / "trainable.safetensors"))))
         else:
             state["bad_evals"] += 1
         state["eval_due"] = False
@@ -650,7 +686,10 @@ def main(argv=None):
     started, eval_seconds[0] = time.time(), 0.0
     on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        stop = state["eval_due"] and evaluate_step()  # a run interrupted in an evaluation redoes it first
+        # a run that stopped early stays stopped (unless resumed with more patience); one interrupted in an
+        # evaluation redoes it first
+        stop = bool(args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience)
+        stop = stop or (state["eval_due"] and evaluate_step())
         while not stop and state["step"] < total_steps:
             model.train()
             torch.manual_seed(step_seed(args.seed, state["step"], rank))

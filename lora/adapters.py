@@ -56,7 +56,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "kaiming"  # or "gaussian"
-    modules_to_save: list | None = None  # None: the classification head of a seq-cls model
+    modules_to_save: list | None = None  # modules trained in full; a seq-cls model adds its head (None: and BERT's pooler)
     exclude_modules: list | str | None = None  # layers that match target_modules but get no adapter
     layers_to_transform: int | list | None = None  # only these layer indices (with a list of targets)
     layers_pattern: str | list | None = None  # the name before the layer index ("layers", "h"); None: any
@@ -185,6 +185,13 @@ def targeted(name, targets, config):
     return layer_index(name, config.layers_pattern) in ([layers] if isinstance(layers, int) else layers)
 
 
+CLASSIFIER_HEADS = ("classifier", "score")  # what peft adds to every seq-cls model's modules_to_save
+
+
+def is_classifier(model):
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def default_heads(model):
     """The modules a seq-cls model trains in full: its head, and BERT's pooler.
 
@@ -192,7 +199,7 @@ def default_heads(model):
     mean pooling, so that pooler path starts untrained and LoRA on query/value alone barely moves it
     (README: 0.582 test accuracy with the classifier alone at lr 1e-3, 0.760 with the defaults, pooler trained).
     """
-    if not type(model).__name__.endswith("ForSequenceClassification"):
+    if not is_classifier(model):
         return []
     return [n.rsplit(".", 1)[-1] for n in model.new_head_names]
 
@@ -233,6 +240,8 @@ def apply_lora(model, config=None, adapter_name="default"):
     if not targets:
         raise AdapterError(f"no default target modules for model type {model_type(model)!r}; pass target_modules")
     save = default_heads(model) if config.modules_to_save is None else config.modules_to_save
+    if is_classifier(model):  # as peft's PeftModelForSequenceClassification: the head always trains
+        save = list(dict.fromkeys([*save, *(h for h in CLASSIFIER_HEADS if head_names(model, [h]))]))
     trained_in_full = [h + "." for h in head_names(model, save)] if save else []
     available = linear_layer_names(model)
     # a layer inside a module that is trained in full gets no adapter (as in peft)
@@ -589,4 +598,13 @@ def load_adapter(model, folder, adapter_name="default"):
         # (save_embedding_layers="auto", for resized vocabularies) and loads it back: so do we.
         base_copies = {k for k in model.state_dict() if k.endswith(".base_layer.weight") and k in state}
         load_state_strict(model, state, folder, expected | base_copies)
+        # a head the file does not hold stays the model's own: a classifier's is always wrapped (as in peft),
+        # and another tool's file may lack it
+        for name, head in heads(model):
+            prefix = f"{name}.modules_to_save.{adapter_name}."
+            if adapter_name in head.modules_to_save and not any(k.startswith(prefix) for k in state):
+                del head.modules_to_save[adapter_name]
+                head.set_adapter(head.active_adapter if head.active_adapter != adapter_name else None)
+                if not head.modules_to_save:
+                    model.set_submodule(name, head.original_module)
     return model

@@ -830,19 +830,34 @@ def test_deleting_the_active_adapter_activates_the_first_by_name_as_peft(tiny):
 def test_a_layer_with_lora_cannot_be_trained_in_full_by_another_adapter(tiny, tmp_path):
     """peft refuses modules_to_save on a LoRA layer; ours used to copy the LoRA layer, so the first adapter's file
     then held tensors that neither peft nor load_adapter could place."""
-    ours = apply_lora(plain_ours(tiny, "gpt2", "seq-cls"),
-                      LoraConfig(r=R, alpha=ALPHA, target_modules=["c_attn", "score"], modules_to_save=[]), "a")
-    ref = peft.get_peft_model(plain_hf(tiny, "gpt2", "seq-cls"),  # no task type: peft would add the head itself
-                              peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["c_attn", "score"]), adapter_name="a")
-    second = dict(r=2, target_modules=["c_attn"], modules_to_save=["score"])
+    ours = apply_lora(plain_ours(tiny, "gpt2", "causal-lm"), LoraConfig(r=R, alpha=ALPHA, target_modules=["c_attn", "lm_head"]), "a")
+    ref = peft.get_peft_model(plain_hf(tiny, "gpt2", "causal-lm"),
+                              peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["c_attn", "lm_head"]), adapter_name="a")
+    second = dict(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
     with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
         ref.add_adapter("b", peft.LoraConfig(lora_alpha=4, **second))
-    with pytest.raises(AdapterError, match=r"^modules_to_save selects score, which holds a LoRALinear; a layer with "
+    with pytest.raises(AdapterError, match=r"^modules_to_save selects lm_head, which holds a LoRALinear; a layer with "
                                            r"LoRA or a quantized layer cannot also be trained in full$"):
         apply_lora(ours, LoraConfig(alpha=4, **second), "b")
     assert list(ours.peft_config) == ["a"] and not any(isinstance(m, ModulesToSave) for m in ours.modules())
     save_adapter(ours, tmp_path / "a", "a")
-    load_adapter(plain_ours(tiny, "gpt2", "seq-cls"), tmp_path / "a")
+    load_adapter(plain_ours(tiny, "gpt2", "causal-lm"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("modules_to_save", [[], ["ln_f"]])
+def test_a_classifier_always_trains_its_head_as_in_peft(tiny, tmp_path, modules_to_save):
+    """peft's sequence-classification model adds classifier / score to any modules_to_save (and trains a
+    LoRA-targeted head in full); ours left the head random and frozen, and peft could not load the adapter."""
+    config = dict(r=R, target_modules=["c_attn", "score"], modules_to_save=modules_to_save)
+    ours = apply_lora(plain_ours(tiny, "gpt2", "seq-cls"), LoraConfig(alpha=ALPHA, **config))
+    ref = peft.get_peft_model(plain_hf(tiny, "gpt2", "seq-cls"), peft.LoraConfig(task_type="SEQ_CLS", lora_alpha=ALPHA,
+                                                                                **config))
+    trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert trained == sorted(n.removeprefix("base_model.model.") for n, p in ref.named_parameters()
+                             if p.requires_grad and "lora_" not in n)
+    assert "score.modules_to_save.default.weight" in trained
+    save_adapter(ours, tmp_path / "a")
+    peft.PeftModel.from_pretrained(plain_hf(tiny, "gpt2", "seq-cls"), str(tmp_path / "a"))  # KeyError before
 
 
 @pytest.mark.parametrize("targets,peft_error", [

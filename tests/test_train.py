@@ -276,10 +276,14 @@ NON_NEGATIVE_FLAGS = ("--warmup", "--weight-decay", "--max-grad-norm", "--eval-e
     ("--dropout", 1, r"must be in \[0, 1\), got 1.0"),
     *[(flag, value, f"must be a finite number, got {value}") for value in ("nan", "inf")
       for flag in ("--lr", "--alpha", "--warmup", "--epochs", "--weight-decay", "--max-grad-norm", "--dropout")],
+    *[("--seed", value, rf"must be in \[0, 2\^32 - 1\], got {value}") for value in (-1, 2**32)],  # numpy's traceback
+    ("--target-modules", "query,", r"has an empty name in 'query,'"),  # was "--target-modules:  matches no ..."
+    ("--modules-to-save", ",pooler", r"has an empty name in ',pooler'"),
+    ("--target-modules", " ", r"is empty; name the layers to adapt, or leave the flag out for the defaults"),  # the defaults were taken
 ])
 def test_out_of_range_flags_are_usage_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.parse_args(["--model", "x", flag, str(value)])
+        train.parse_args(["--model", "x", f"{flag}={value}"])
     assert exc.value.code == 2
     assert re.search(f"error: {flag} {message}$", capsys.readouterr().err.strip())
 
@@ -582,6 +586,61 @@ def test_early_stopping(tiny, tmp_path, patience):
     results = json.loads((out / "results.json").read_text())
     assert results["best_step"] == 1
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == patience + 1
+
+
+def test_resuming_a_run_that_stopped_early_does_not_train_on(tiny, tmp_path):
+    """It trained further (steps 7-12 in a tester's run) and replaced results and adapter, where a run that ended
+    at --max-steps resumes to a re-evaluation only; more patience continues it."""
+    write_jsonl(tmp_path / "data", "train", keyword_rows(16))
+    dataset = write_jsonl(tmp_path / "data", "validation", [{"text": "the movie was a movie", "label": i % 2} for i in range(8)])
+    out, flags = tmp_path / "out", ("--max-steps", 10, "--batch-size", 8, "--lr", 1e-2, "--eval-every", 1)
+    run(tiny.folder("bert", "base"), dataset, out, *flags, "--early-stopping-patience", 1)
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    run(tiny.folder("bert", "base"), dataset, out, *flags, "--early-stopping-patience", 1, "--resume")
+    assert log_rows(out)[-1]["step"] == 2 and (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    run(tiny.folder("bert", "base"), dataset, out, *flags, "--early-stopping-patience", 2, "--resume")
+    assert log_rows(out)[-1]["step"] == 3
+
+
+def test_a_resumed_run_saves_the_best_weights_it_reports(tiny, tmp_path):
+    """best/ may hold a later evaluation's weights than the checkpoint knows of (a kill after it; here the run's
+    last evaluation after its last checkpoint). Resumed from that checkpoint to a shorter end, the run reported
+    step 2 as best and saved step 4's weights; best/ now goes with the checkpoint."""
+    dataset = keyword_dataset(tmp_path / "data")
+    out, folder = tmp_path / "out", tiny.folder("bert", "base")
+    flags = ("--batch-size", 4, "--lr", 5e-3, "--eval-every", 2, "--metric", "loss")
+    run(folder, dataset, out, "--max-steps", 4, "--save-every", 3, *flags)
+    losses = {r["step"]: r["metrics"]["loss"] for r in log_rows(out, "eval")}
+    assert losses[4] < losses[2]  # best/ holds step 4's weights, the checkpoint (step 3) knows step 2 as best
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["best_step"] == 2
+    result = run(folder, dataset, out, "--max-steps", 3, "--save-every", 3, *flags, "--resume")
+    assert json.loads((out / "results.json").read_text())["best_step"] == 2
+    assert result["loss"] == pytest.approx(losses[2], abs=1e-6)
+    import eval as eval_cli
+
+    again = eval_cli.main(["--model", str(folder), "--adapters", str(out / "adapter"), "--dataset", str(dataset),
+                           "--split", "validation", "--max-length", "32"])
+    assert again["out"]["loss"] == pytest.approx(losses[2], abs=1e-6)  # the column of out/adapter
+
+
+def test_fractional_epochs_round_up_as_trainer(tiny, tmp_path):
+    """--epochs 1.3 of 4 steps is ceil(5.2) = 6 steps, as transformers' Trainer sets max_steps =
+    ceil(num_train_epochs x update steps per epoch) (round() gave 5)."""
+    dataset = keyword_dataset(tmp_path / "data")  # 16 rows, batch 4: 4 steps an epoch
+    run(tiny.folder("bert", "base"), dataset, tmp_path / "out", "--epochs", 1.3, "--batch-size", 4)
+    assert log_rows(tmp_path / "out")[-1]["step"] == math.ceil(1.3 * 4) == 6
+
+
+@pytest.mark.parametrize("pairs,max_length,specials", [(False, 2, 2), (True, 4, 3)])
+def test_max_length_must_leave_room_for_the_text(tiny, tmp_path, pairs, max_length, specials):
+    """Below the tokenizer's special tokens + a token of each text, the tokenizer does not cut at all: the run
+    trained on whole texts, or stopped on a length past the positions."""
+    rows = [{"sentence1": r["text"], "sentence2": r["text"], "label": r["label"]} for r in GOOD] if pairs else GOOD
+    need = specials + (2 if pairs else 1)
+    with pytest.raises(data.DataError, match=rf"^--max-length {max_length} leaves no room for the text: this tokenizer "
+                                             rf"adds {specials} special tokens to each (sentence pair|text); use at least {need}$"):
+        bad_run(tiny, tmp_path, {"train": rows, "validation": rows}, "--max-length", max_length)
+    bad_run(tiny, tmp_path, {"train": rows, "validation": rows}, "--max-length", need)
 
 
 # ------------------------------------------------------------------ metrics against transformers
