@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer inputs are truncated; "
                    "--rouge's prompts keep their last tokens)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per batch")
-    p.add_argument("--label-words", default=data.DEFAULT_LABEL_WORDS, help="generate-label: the word of each label id")
+    p.add_argument("--label-words", default=data.DEFAULT_LABEL_WORDS, help="generate-label: the word of each label id "
+                   f"(default: the words the adapters were trained with, else {data.DEFAULT_LABEL_WORDS})")
     p.add_argument("--rouge", action="store_true", help="prompt/answer pairs: ROUGE of greedy generations")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length (ROUGE, --generate)")
     p.add_argument("--window", type=int, default=None, help="plain text: perplexity window in tokens (default: --max-length)")
@@ -164,13 +165,27 @@ def head_labels(entry):
                      if k.split(".")[-2:] in (["classifier", "weight"], ["score", "weight"])), None)
 
 
-def saved_labels(folder, adapters):
-    """The labels in head order that train.py saved beside the adapters (or the fine-tuned model), or None."""
+def saved_labels(folder, adapters, key="labels"):
+    """What train.py saved beside the adapters (or the fine-tuned model) in labels.json, or None: "labels" in
+    head order, or generate-label's "label_words"."""
     files = [Path(e) / data.LABELS_FILE for e in adapters if e != "base"] + [Path(folder) / data.LABELS_FILE]
-    saved = [read_json(f, AdapterError).get("labels") for f in files if f.is_file()]
+    saved = [read_json(f, AdapterError).get(key) for f in files if f.is_file()]
+    saved = saved if key == "labels" else [s for s in saved if s is not None]
     if any(s != saved[0] for s in saved):
-        raise AdapterError(f"the adapters were trained on different labels: {saved}")
+        raise AdapterError(f"the adapters were trained on different {key.replace('_', ' ')}: {saved}")
     return saved[0] if saved else None
+
+
+def label_words_of(args, folder, task):
+    """--label-words, or the words the adapters were trained with (a different --label-words is an error)."""
+    saved = saved_labels(folder, args.adapters, "label_words") if task == "generate-label" else None
+    if saved is None:
+        return args.label_words
+    given = [w.strip() for w in args.label_words.split(",")]
+    if args.label_words != data.DEFAULT_LABEL_WORDS and given != saved:
+        raise data.DataError(f"--label-words {args.label_words} differs from the words the adapter was trained with: "
+                             f"{','.join(saved)}")
+    return ",".join(saved)
 
 
 def label_names(rows, split, task, folder, adapters, label_words):
@@ -298,9 +313,10 @@ def main(argv=None):
     if args.rouge:
         data.check_rouge(task, rows, split)
     tokenizer = Tokenizer.from_folder(folder, cfg)
-    names = label_names(splits[split], split, task, folder, args.adapters, args.label_words) if task != "causal-lm" \
+    label_words = label_words_of(args, folder, task)
+    names = label_names(splits[split], split, task, folder, args.adapters, label_words) if task != "causal-lm" \
         else None
-    words = data.parse_label_words(args.label_words, names, task)
+    words = data.parse_label_words(label_words, names, task)
     plain_text = task == "causal-lm" and not data.pair_columns(rows)
     if not plain_text and (args.window or args.stride):
         raise data.DataError(f"--window and --stride slide over plain text; split {split!r} holds "

@@ -767,7 +767,7 @@ def main(argv=None):
                                           "task": task, "labels": names,
                                           "train_seconds": time.time() - started - eval_seconds[0]})
         saved = out / ("model" if args.method == "none" else "adapter")  # full fine-tuning: a whole checkpoint
-        save_output(model, tokenizer, saved, args, names)
+        save_output(model, tokenizer, saved, args, names, words)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {saved}")
@@ -784,9 +784,9 @@ def main(argv=None):
     return after
 
 
-def save_output(model, tokenizer, folder, args, names):
+def save_output(model, tokenizer, folder, args, names, words=None):
     """The adapter in peft's format (or, after full fine-tuning, the whole model), the tokenizer and the
-    labels in head order (eval.py maps a split's labels through them)."""
+    labels in head order (eval.py maps a split's labels through them), with generate-label's words."""
     def write(tmp):
         if args.method == "none":
             save_model(model, tmp, tokenizer)
@@ -794,7 +794,7 @@ def save_output(model, tokenizer, folder, args, names):
             save_adapter(model, tmp)
             tokenizer.save(tmp)
         if names:
-            write_json(tmp / data.LABELS_FILE, {"labels": names})
+            write_json(tmp / data.LABELS_FILE, {"labels": names} | ({"label_words": words} if words else {}))
 
     replace_folder(folder, write)
 

@@ -10,9 +10,10 @@ does not flag them special. Padding and truncation stored in tokenizer.json give
 truncation sides where tokenizer_config.json does not; lengths are chosen per call. Decoders without
 a pad token pad with eos. A BERT tokenizer's normaliser (lowercasing, accents, Chinese characters)
 comes from tokenizer_config.json, as transformers 5 builds it (also when only config.json's
-model_type names BERT), where the two files disagree. Other tokenizer classes that transformers 5
-rebuilds from their own definition (LlamaTokenizer's Metaspace, GPT2Tokenizer's add_prefix_space)
-are read as their tokenizer.json says, which matches transformers on the Hub's files.
+model_type names BERT), where the two files disagree, and a LlamaTokenizer's is its Metaspace
+(_sentencepiece_pipeline). Other classes that transformers 5 rebuilds from their own definition
+(GPT2Tokenizer's add_prefix_space, Qwen2Tokenizer's NFC) are read as their tokenizer.json says,
+which matches transformers on the Hub's files.
 """
 import shutil
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders
 from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import Metaspace
 
 # what save() copies: the files read here, the chat template transformers 5 saves beside them, and
 # generation_config.json, whose eos ids stop generation
@@ -28,6 +31,8 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "
          "chat_template.json", "generation_config.json")
 # transformers 5 builds these classes' normaliser from tokenizer_config.json, whatever tokenizer.json holds
 BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast")
+# transformers 5 builds these classes' pipeline around SentencePiece's Metaspace (unless tokenizer.json is byte-level)
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 MODEL_TYPE_TOKENIZER_CLASSES = {"bert": "BertTokenizer", "distilbert": "DistilBertTokenizer"}  # when no file names one
 SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "cls", "sep", "mask")
 
@@ -40,6 +45,20 @@ def _read_json(path):
     from .loading import read_json
 
     return read_json(path) if path.is_file() else {}
+
+
+def _sentencepiece_pipeline(tok, config):
+    """LlamaTokenizer's pipeline as transformers 5 builds it (Llama-2, Mistral v0.1, TinyLlama): no normaliser,
+    spaces become "▁" and one is prepended where the text does not start with one ("first"; "always" with
+    legacy: true, "never" with add_prefix_space: false). The files' Prepend + Replace normaliser prepends
+    one always, so " word" (a label word, an answer) got a token "▁" of its own in front."""
+    add_prefix_space = config.get("add_prefix_space") is not False
+    scheme = "never" if not add_prefix_space else "always" if config.get("legacy") is True else "first"
+    tok.normalizer = None
+    tok.pre_tokenizer = Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    tok.model.fuse_unk, tok.model.byte_fallback = True, True
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * add_prefix_space)
 
 
 class Tokenizer:
@@ -77,6 +96,8 @@ class Tokenizer:
             tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
                                             strip_accents=config.get("strip_accents"),
                                             lowercase=config.get("do_lower_case", True))
+        if tokenizer_class in LLAMA_TOKENIZER_CLASSES and "ByteLevel" not in f"{tok.pre_tokenizer} {tok.decoder}":
+            _sentencepiece_pipeline(tok, config)
         stored_padding, stored_truncation = tok.padding or {}, tok.truncation or {}
         special = {name: _token_text(config.get(f"{name}_token")) for name in SPECIAL_NAMES}
         special["pad"] = special["pad"] or stored_padding.get("pad_token")

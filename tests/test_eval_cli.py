@@ -595,6 +595,25 @@ def test_causal_lm_adapters_make_labelled_text_generate_label(tiny, tmp_path, ca
     assert "loss" in run_eval("--model", folder, "--dataset", dataset, "--max-length", 64)["base"]  # seq-cls
 
 
+def test_generate_label_adapters_keep_their_label_words(tiny, tmp_path):
+    """train.py saves the words beside the adapter; eval.py scores them unless told others, which must match.
+    It scored " negative"/" positive" without a word for an adapter trained on bad,excellent."""
+    import train
+
+    folder = tiny.folder("llama", "causal-lm")
+    dataset = write_jsonl(tmp_path / "data", "train", keyword_rows(8))
+    write_jsonl(tmp_path / "data", "test", keyword_rows(8, seed=1))
+    out = tmp_path / "out"
+    after = train.main(["--model", str(folder), "--dataset", str(dataset), "--task", "generate-label", "--label-words",
+                        "bad,excellent", "--max-steps", "2", "--max-length", "32", "--output-dir", str(out)])
+    assert json.loads((out / "adapter" / data.LABELS_FILE).read_text())["label_words"] == ["bad", "excellent"]
+    common = ("--model", folder, "--dataset", dataset, "--split", "test", "--max-length", 32, "--adapters", out / "adapter")
+    assert run_eval(*common)["out"] == run_eval(*common, "--label-words", "bad,excellent")["out"] == after
+    with pytest.raises(DataError, match=r"^--label-words bad,good differs from the words the adapter was trained with: "
+                                        r"bad,excellent$"):
+        run_eval(*common, "--label-words", "bad,good")
+
+
 def test_a_random_head_is_the_same_in_every_column(tiny, tmp_path):
     """The checkpoint has no classifier, so each entry's head is drawn at random: from the same seed for every
     entry (a second `base` column used to get other numbers than the first)."""

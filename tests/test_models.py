@@ -685,6 +685,41 @@ def test_saved_folders_keep_the_chat_template_and_stop_ids(tiny, tmp_path):
         AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False) == "<|user|>hi"
 
 
+@pytest.mark.parametrize("config", [{}, {"legacy": True}, {"add_prefix_space": False}, {"tokenizer_class": "LlamaTokenizerFast"}])
+def test_llama_tokenizer_class_gets_its_metaspace_pipeline(tiny, tmp_path, config):
+    """Llama-2 / Mistral / TinyLlama files: tokenizer.json's normaliser prepends "▁" always; transformers 5
+    builds LlamaTokenizer around a Metaspace that prepends one only where the text has none, so " negative"
+    (a label word, an answer) got a token "▁" of its own in front."""
+    import data
+    from models.loading import read_config
+    from models.tokenizer import Tokenizer
+    from tiny import CORPUS
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    rust = RustTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    rust.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="first")
+    rust.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    rust.pre_tokenizer = None  # the layout converted SentencePiece files have
+    rust.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    rust.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    rust.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    rust.save(str(folder / "tokenizer.json"))
+    edit_json(folder / "tokenizer_config.json", lambda c: c.update({"tokenizer_class": "LlamaTokenizer", **config}))
+    tok, hf = Tokenizer.from_folder(folder, read_config(folder)), AutoTokenizer.from_pretrained(str(folder))
+    assert type(hf).__name__ == "LlamaTokenizer"
+    for text in [" negative", "negative", " The spider has 8 legs.", "a  b c", "Question: hi\nAnswer: There", "</s> was"]:
+        assert tok.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False)["input_ids"], text
+        assert tok.encode(text) == hf(text)["input_ids"], text
+        ids = hf(text)["input_ids"] + [5, 9]
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    eos = [hf.eos_token_id]
+    assert data.label_word_ids(tok, ["negative"]) == [hf(" negative", add_special_tokens=False)["input_ids"] + eos]
+
+
 def test_folder_without_config(tiny, tmp_path):
     folder = tiny.copy("gpt2", "causal-lm", tmp_path / "ck")
     (folder / "config.json").unlink()
