@@ -347,6 +347,9 @@ def restore_best(out, best_step):
     elif best_step is None:  # no evaluation before the checkpoint: any best/ is a later one's
         recover_folder(out / "best")
         shutil.rmtree(out / "best", ignore_errors=True)
+    else:
+        print(f"note: {out / 'checkpoint'} predates keeping the best weights with it; {out / 'best'} is taken as the "
+              f"best step {best_step}'s (a later evaluation may have replaced them)", file=sys.stderr)
 
 
 def step_seed(seed, step, rank):
@@ -412,6 +415,30 @@ def check_resume(args, out, world):
         raise LoadError(f"--resume: other arguments than the interrupted run's ({'; '.join(differ)}); resume with "
                         f"those in {out / 'args.json'} (only the length of training, how often it evaluates and "
                         "saves, and --eval-batch-size may change)")
+
+
+def cut_log(path, state):
+    """Drop the log rows of steps after the checkpoint (a killed run's, which the resumed run does again) and a
+    last row cut short by the kill, so the log reads as an uninterrupted run's."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    step, evaluated = state["step"], not state["eval_due"] and state["last_eval"] in (None, state["step"])
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # written when the run was killed
+                break
+            raise LoadError(f"{path} is damaged (line {i + 1}: {e.msg}); start over in another --output-dir, or "
+                            f"after deleting {path.parent}") from e
+        if row["step"] < step or row["step"] == step and (row["kind"] == "train" or evaluated):
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def check_not_interrupted(out):
@@ -583,9 +610,11 @@ def main(argv=None):
         return result
 
     state = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
-             "before": None, "eval_due": False}  # eval_due: the evaluation after this step has not finished
+             "before": None, "eval_due": False, "last_eval": None}  # eval_due: the evaluation after this step has not
+    # finished; last_eval: the step of the last finished evaluation
     if args.resume:
-        saved_state = {"eval_due": False} | read_json(out / "checkpoint" / "state.json")  # older checkpoints lack it
+        # older checkpoints lack the last two
+        saved_state = {"eval_due": False, "last_eval": None} | read_json(out / "checkpoint" / "state.json")
         if set(state) - set(saved_state):
             raise damaged(out / "checkpoint" / "state.json", KeyError(", ".join(sorted(set(state) - set(saved_state)))))
         bad = next((k for k in ("step", "epoch", "micro", "bad_evals")
@@ -645,8 +674,12 @@ def main(argv=None):
     train_model = ddp or model
     if is_main:
         write_json(out / "args.json", vars(args) | {"processes": world})
+    if is_main and args.resume:
+        cut_log(out / "log.jsonl", state)
     log = open(out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if is_main else None
     autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) if args.autocast else nullcontext()
+
+    committed = {}  # the state of the last finished step or evaluation: what an interruption saves
 
     def checkpoint():
         if is_main:
@@ -658,19 +691,22 @@ def main(argv=None):
         result = run_eval(eval_set, "eval" if is_main else None)
         better = state["best"] is None or (result[metric] > state["best"] if HIGHER_IS_BETTER[metric]
                                            else result[metric] < state["best"])
-        if better:
-            state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
-            state["best_metrics"] = result
-            if is_main:
-                weights = trainable_state(model)
-                replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True),
-                                                          save_file(weights, str(tmp / "trainable.safetensors"))))
-        else:
-            state["bad_evals"] += 1
-        state["eval_due"] = False
-        if log:
-            log.write(json.dumps({"kind": "eval", "step": state["step"], "metrics": result}) + "\n")
-            log.flush()
+        # the new best weights, the state that knows them, the log row and what an interruption saves: together
+        with signals_deferred():
+            if better:
+                state["best"], state["best_step"], state["bad_evals"] = result[metric], state["step"], 0
+                state["best_metrics"] = result
+                if is_main:
+                    weights = trainable_state(model)
+                    replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True),
+                                                              save_file(weights, str(tmp / "trainable.safetensors"))))
+            else:
+                state["bad_evals"] += 1
+            state["eval_due"], state["last_eval"] = False, state["step"]
+            if log:
+                log.write(json.dumps({"kind": "eval", "step": state["step"], "metrics": result}) + "\n")
+                log.flush()
+            committed.update(copy.deepcopy(state))
         if is_main:
             tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         stop = bool(args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience)
@@ -681,15 +717,17 @@ def main(argv=None):
         return stop
 
     epoch_batches = micro_batches(len(train_set), args.batch_size, world, args.seed, state["epoch"])
-    committed = copy.deepcopy(state)  # the last finished step: what an interruption saves
+    if state["step"] >= total_steps and state["last_eval"] != state["step"]:  # resumed to end where it stands
+        state["eval_due"] = True
+    committed.update(copy.deepcopy(state))
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not is_main)
     started, eval_seconds[0] = time.time(), 0.0
     on_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        # a run that stopped early stays stopped (unless resumed with more patience); one interrupted in an
-        # evaluation redoes it first
-        stop = bool(args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience)
-        stop = stop or (state["eval_due"] and evaluate_step())
+        # a run interrupted in an evaluation redoes it first; one that stopped early stays stopped (unless
+        # resumed with more patience)
+        stop = state["eval_due"] and evaluate_step()
+        stop = stop or bool(args.early_stopping_patience and state["bad_evals"] >= args.early_stopping_patience)
         while not stop and state["step"] < total_steps:
             model.train()
             torch.manual_seed(step_seed(args.seed, state["step"], rank))
@@ -716,6 +754,8 @@ def main(argv=None):
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # this step's
+            # before the deferred block: a collective there would keep waiting for a process that was stopped
+            step_loss = all_sum(step_loss, world) / (denominator * world)
             with signals_deferred():
                 optimizer.step()
                 scheduler.step()
@@ -723,14 +763,13 @@ def main(argv=None):
                 state["step"] += 1
                 state["eval_due"] = bool(args.eval_every and state["step"] % args.eval_every == 0
                                          or state["step"] >= total_steps)
-                step_loss = all_sum(step_loss, world) / (denominator * world)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if log:
                     log.write(json.dumps({"kind": "train", "step": state["step"], "epoch": state["epoch"],
                                           "loss": step_loss, "lr": lr, "time": time.time() - started}) + "\n")
                     log.flush()
-                committed = copy.deepcopy(state)
+                committed.update(copy.deepcopy(state))
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"the training loss became {step_loss} at step {state['step']}; lower --lr "
                                          f"and start over in another --output-dir (or after deleting {out})")
@@ -739,11 +778,15 @@ def main(argv=None):
             if args.save_every and state["step"] % args.save_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
+        state = copy.deepcopy(committed)  # the weights and optimizer are still those of the last finished step
+        try:
+            with signals_deferred():  # torchrun sends the signal again: the save finishes first
+                checkpoint()
+        except KeyboardInterrupt:
+            pass  # that repeated signal; the run stops below all the same
         if is_main:
             print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
                   "run again with --resume to continue", file=sys.stderr)
-        state = committed  # the weights and optimizer are still those of the last finished step
-        checkpoint()
         raise
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -763,15 +806,14 @@ def main(argv=None):
         print(f"\n{args.model} on {data.dataset_label(args.dataset, args.dataset_config)} ({task}, {args.method}), "
               f"best step {state['best_step']} by {metric}:")
         print(results_table(state["before"], after))
-        write_json(out / "results.json", {"before": state["before"], "after": after, "best_step": state["best_step"],
-                                          "task": task, "labels": names,
-                                          "train_seconds": time.time() - started - eval_seconds[0]})
+        results = {"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
+                   "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}
         saved = out / ("model" if args.method == "none" else "adapter")  # full fine-tuning: a whole checkpoint
         save_output(model, tokenizer, saved, args, names, words)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {saved}")
-        if args.save_merged:  # last, as merging changes the model in place
+        if args.save_merged:  # after the adapter, as merging changes the model in place
             merged = merge_and_unload(dequantize_model(model))
             replace_folder(out / "merged", lambda tmp: save_model(merged, tmp, tokenizer))
             print(f"saved the merged model: {out / 'merged'}")
@@ -779,6 +821,9 @@ def main(argv=None):
         for stale in sorted({"adapter", "model", "merged"} - written):
             if (out / stale).exists():  # left by an earlier run into this folder; not ours to delete
                 print(f"note: {out / stale} is from an earlier run in {out}, not from this one", file=sys.stderr)
+        # last: results.json newer than the checkpoint marks the run finished (check_not_interrupted), so a run
+        # killed while saving is one that --resume completes, not one whose results describe other files
+        write_json(out / "results.json", results)
     if world > 1:
         dist.destroy_process_group()
     return after

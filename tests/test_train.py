@@ -481,17 +481,63 @@ def check_resume(tiny, tmp_path, monkeypatch, patch, on_call, extra=(), exc=Keyb
     results = [json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "straight", out)]
     assert results[0]["best_step"] == results[1]["best_step"]
     assert results[0]["after"] == pytest.approx(results[1]["after"], rel=1e-6)
-    straight = {r["step"]: r["loss"] for r in log_rows(tmp_path / "straight")}
-    resumed = {r["step"]: r["loss"] for r in log_rows(out)}  # the resumed run appends; later rows win
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), f"train loss of step {step}"
+    # the log reads as the straight run's: rows of steps after the checkpoint (and one cut short) are dropped
+    assert [r["step"] for r in log_rows(out)] == [r["step"] for r in log_rows(tmp_path / "straight")] == list(range(1, 7))
+    for ours, straight in zip(log_rows(out), log_rows(tmp_path / "straight")):
+        assert ours["loss"] == pytest.approx(straight["loss"], rel=1e-6), f"train loss of step {ours['step']}"
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out), atol=1e-6)
 
 
 def test_resume_after_interrupt_in_a_step(tiny, tmp_path, monkeypatch):
     # loss_sum's 4th call = the forward of step 4: interrupted after step 3
     check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=4)
+
+
+def test_resume_after_interrupt_in_the_step_after_an_evaluation(tiny, tmp_path, monkeypatch):
+    """The checkpoint an interruption saves knows the evaluation that just finished: it used to hold the state
+    from before it (the evaluation due, the old best step) beside the new best weights, so --resume evaluated
+    step 2 again, and with lower patience reported one best step and saved another's weights."""
+    # loss_sum's 3rd call = the forward of step 3, after the evaluation of step 2
+    check_resume(tiny, tmp_path, monkeypatch, "loss_sum", on_call=3, extra=["--eval-every", 2], expect_step=2)
+
+
+def test_a_repeated_signal_does_not_cut_the_save_short(tiny, tmp_path, monkeypatch):
+    """torchrun passes Ctrl-C on to its workers again while they save: the save finishes, then the run stops
+    (it was cut short, with "checkpoint saved" printed and no checkpoint written)."""
+    folder, dataset, out = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data"), tmp_path / "out"
+    original = train.save_checkpoint
+
+    def signalled_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the checkpoint is written
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        interrupting(m, "loss_sum", on_call=4)  # the forward of step 4; no checkpoint was written before
+        m.setattr(train, "save_checkpoint", signalled_again)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, dataset, out, *resume_args())
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint", "log.jsonl"]
+
+
+def test_a_run_killed_while_saving_its_results_is_resumed(tiny, tmp_path, monkeypatch):
+    """results.json is written last: a kill while the adapter was written left results.json beside no adapter
+    (or another run's), and the run counted as finished."""
+    folder, dataset = tiny.folder("distilbert", "base"), keyword_dataset(tmp_path / "data")
+    args = resume_args()
+    run(folder, dataset, tmp_path / "straight", *args)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        interrupting(m, "save_output", on_call=1, exc=RuntimeError)
+        with pytest.raises(RuntimeError):
+            run(folder, dataset, out, *args)
+    assert not (out / "results.json").exists()
+    with pytest.raises(FileExistsError, match="holds an interrupted run"):
+        run(folder, dataset, out, *args)
+    run(folder, dataset, out, *args, "--resume")
+    straight, resumed = (json.loads((f / "results.json").read_text()) for f in (tmp_path / "straight", out))
+    assert resumed["after"] == pytest.approx(straight["after"], rel=1e-6) and resumed["best_step"] == straight["best_step"]
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out), atol=1e-6)
 
 
 def test_resume_after_sigterm_in_a_step(tiny, tmp_path, monkeypatch):
@@ -602,25 +648,51 @@ def test_resuming_a_run_that_stopped_early_does_not_train_on(tiny, tmp_path):
     assert log_rows(out)[-1]["step"] == 3
 
 
+def test_the_checkpoint_keeps_the_best_weights_it_knows(tmp_path, capsys):
+    """best/ may hold a later evaluation's weights than the checkpoint knows of (a kill after that evaluation);
+    resuming restored nothing, so a run reported one best step and saved another's weights. The checkpoint
+    now keeps best/ as it was (a hard link), and --resume puts it back."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    best = {"w": torch.ones(3)}
+    train.replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), save_file(best, str(tmp / "trainable.safetensors"))))
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 3},
+                          out / "best" / "trainable.safetensors")
+    later = {"w": torch.zeros(3)}  # a later evaluation's, swapped in as the run does
+    train.replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), save_file(later, str(tmp / "trainable.safetensors"))))
+    train.restore_best(out, best_step=2)
+    assert torch.equal(load_file(out / "best" / "trainable.safetensors")["w"], best["w"])
+    train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 1})
+    train.restore_best(out, best_step=2)  # a checkpoint of the earlier layout: best/ as found, with a note
+    assert torch.equal(load_file(out / "best" / "trainable.safetensors")["w"], best["w"])
+    assert "predates keeping the best weights with it" in capsys.readouterr().err
+    train.restore_best(out, best_step=None)  # no evaluation before this checkpoint: best/ is a later run's
+    assert not (out / "best").exists()
+
+
 def test_a_resumed_run_saves_the_best_weights_it_reports(tiny, tmp_path):
-    """best/ may hold a later evaluation's weights than the checkpoint knows of (a kill after it; here the run's
-    last evaluation after its last checkpoint). Resumed from that checkpoint to a shorter end, the run reported
-    step 2 as best and saved step 4's weights; best/ now goes with the checkpoint."""
+    """Killed after its last checkpoint (here: the run's last evaluation came after its last checkpoint), then
+    resumed to a shorter end: the step it reports as best, the metrics it reports and the saved adapter agree.
+    The resumed run also evaluates the step it now ends at, which it used to skip."""
     dataset = keyword_dataset(tmp_path / "data")
     out, folder = tmp_path / "out", tiny.folder("bert", "base")
-    flags = ("--batch-size", 4, "--lr", 5e-3, "--eval-every", 2, "--metric", "loss")
-    run(folder, dataset, out, "--max-steps", 4, "--save-every", 3, *flags)
-    losses = {r["step"]: r["metrics"]["loss"] for r in log_rows(out, "eval")}
-    assert losses[4] < losses[2]  # best/ holds step 4's weights, the checkpoint (step 3) knows step 2 as best
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["best_step"] == 2
-    result = run(folder, dataset, out, "--max-steps", 3, "--save-every", 3, *flags, "--resume")
-    assert json.loads((out / "results.json").read_text())["best_step"] == 2
-    assert result["loss"] == pytest.approx(losses[2], abs=1e-6)
+    flags = ("--batch-size", 4, "--lr", 5e-3, "--eval-every", 2, "--metric", "loss", "--save-every", 3)
+    run(folder, dataset, out, "--max-steps", 4, *flags)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    result = run(folder, dataset, out, "--max-steps", 3, *flags, "--resume")
+    evals = {r["step"]: r["metrics"]["loss"] for r in log_rows(out, "eval")}
+    assert sorted(evals) == [2, 3]  # the log reads as a run to step 3: step 4's rows are gone
+    best_step = json.loads((out / "results.json").read_text())["best_step"]
+    assert best_step == min(evals, key=evals.get) and result["loss"] == pytest.approx(evals[best_step], abs=1e-6)
     import eval as eval_cli
 
     again = eval_cli.main(["--model", str(folder), "--adapters", str(out / "adapter"), "--dataset", str(dataset),
                            "--split", "validation", "--max-length", "32"])
-    assert again["out"]["loss"] == pytest.approx(losses[2], abs=1e-6)  # the column of out/adapter
+    assert again["out"]["loss"] == pytest.approx(evals[best_step], abs=1e-6)  # the column of out/adapter
 
 
 def test_fractional_epochs_round_up_as_trainer(tiny, tmp_path):
