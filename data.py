@@ -367,10 +367,11 @@ def encode_classification(rows, tokenizer, max_length, names, split):
 def encode_texts(tokenizer, texts, pairs, max_length):
     """{"input_ids"} per text, or per (text, pair) with "token_type_ids" too where the model embeds them."""
     specials = tokenizer.tokenizer.num_special_tokens_to_add(pairs is not None)
-    if max_length < specials + (2 if pairs is not None else 1):  # the tokenizer would then not cut at all
-        kind = "sentence pair" if pairs is not None else "text"
+    least = specials + (1 if pairs is None else 2)  # a token of each text; below it the tokenizer cuts nothing
+    if max_length < least:
+        kind = "text" if pairs is None else "sentence pair"
         raise DataError(f"--max-length {max_length} leaves no room for the text: this tokenizer adds {specials} special "
-                        f"tokens to each {kind}; use at least {specials + (2 if pairs is not None else 1)}")
+                        f"tokens to each {kind}; use at least {least}")
     encoded = tokenizer(texts, text_pairs=pairs, padding=False, truncation=True, max_length=max_length,
                         return_tensors=None)
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded and k in tokenizer.model_input_names]

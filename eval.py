@@ -169,8 +169,7 @@ def saved_labels(folder, adapters, key="labels"):
     """What train.py saved beside the adapters (or the fine-tuned model) in labels.json, or None: "labels" in
     head order, or generate-label's "label_words"."""
     files = [Path(e) / data.LABELS_FILE for e in adapters if e != "base"] + [Path(folder) / data.LABELS_FILE]
-    saved = [read_json(f, AdapterError).get(key) for f in files if f.is_file()]
-    saved = saved if key == "labels" else [s for s in saved if s is not None]
+    saved = [value for f in files if f.is_file() if (value := read_json(f, AdapterError).get(key)) is not None]
     if any(s != saved[0] for s in saved):
         raise AdapterError(f"the adapters were trained on different {key.replace('_', ' ')}: {saved}")
     return saved[0] if saved else None

@@ -40,7 +40,7 @@ from lora import (AdapterError, LoraConfig, PromptTuningModel, apply_lora, disab
                   print_trainable_parameters, save_adapter)
 from lora.adapters import head_names, linear_layer_names, matches, short_names
 from models import Tokenizer, load_model, save_model
-from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve, write_json
+from models.loading import DECODERS, LoadError, check_positions, read_config, read_json, resolve, write_json, write_text
 from quant import dequantize_model
 from quant.allocator import keep_freed_memory, map_large_allocations
 
@@ -303,11 +303,12 @@ def recover_folder(folder):
 
 
 def replace_folder(folder, write):
-    """Write a folder with write(path) beside `folder`, then swap it in: an interruption or a kill never leaves a
+    """Fill a new folder beside `folder` with write(path), then swap it in: an interruption or a kill never leaves a
     half-written folder in its place, and recover_folder repairs a swap cut short."""
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     recover_folder(folder)
+    tmp.mkdir(parents=True)
     write(tmp)
     with signals_deferred():
         if folder.exists():
@@ -329,7 +330,6 @@ def save_checkpoint(folder, model, optimizer, scheduler, state, best=None):
     """The checkpoint --resume continues from; `best` (best/trainable.safetensors) goes with it, so that a run
     resumed from here reports and saves the same best weights (best/ may hold a later step's by then)."""
     def write(tmp):
-        tmp.mkdir(parents=True)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json(tmp / "state.json", state)
@@ -343,7 +343,7 @@ def restore_best(out, best_step):
     """best/ as it was when the checkpoint was written (a run killed later may have replaced it)."""
     kept = out / "checkpoint" / "best.safetensors"
     if kept.exists():
-        replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), link_or_copy(kept, tmp / "trainable.safetensors")))
+        replace_folder(out / "best", lambda tmp: link_or_copy(kept, tmp / "trainable.safetensors"))
     elif best_step is None:  # no evaluation before the checkpoint: any best/ is a later one's
         recover_folder(out / "best")
         shutil.rmtree(out / "best", ignore_errors=True)
@@ -436,9 +436,7 @@ def cut_log(path, state):
         if row["step"] < step or row["step"] == step and (row["kind"] == "train" or evaluated):
             kept.append(line)
     if len(kept) < len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def check_not_interrupted(out):
@@ -698,8 +696,7 @@ def main(argv=None):
                 state["best_metrics"] = result
                 if is_main:
                     weights = trainable_state(model)
-                    replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True),
-                                                              save_file(weights, str(tmp / "trainable.safetensors"))))
+                    replace_folder(out / "best", lambda tmp: save_file(weights, str(tmp / "trainable.safetensors")))
             else:
                 state["bad_evals"] += 1
             state["eval_due"], state["last_eval"] = False, state["step"]

@@ -39,13 +39,17 @@ class LoadError(ValueError):
     generation past its positions); the message says which and why."""
 
 
-def write_json(path, value):
-    """Write `value` as JSON to `path` through a temporary file, so an interruption never leaves a half-written one."""
+def write_text(path, text):
+    """Write `text` to `path` through a temporary file, so an interruption never leaves a half-written file."""
     path = Path(path)
-    text = json.dumps(value, indent=2)  # a value JSON cannot hold fails before any file is touched
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path, value):
+    """write_text of `value` as JSON; a value JSON cannot hold fails before any file is touched."""
+    write_text(path, json.dumps(value, indent=2))
 
 
 def read_json(path, error=LoadError):

@@ -16,6 +16,7 @@ model_type names BERT), where the two files disagree, and a LlamaTokenizer's is 
 which matches transformers on the Hub's files.
 """
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast", "DistilBertToken
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 MODEL_TYPE_TOKENIZER_CLASSES = {"bert": "BertTokenizer", "distilbert": "DistilBertTokenizer"}  # when no file names one
 SPECIAL_NAMES = ("pad", "eos", "bos", "unk", "cls", "sep", "mask")
+# transformers' clean_up_tokenization, in its order: WordPiece's "do n't" -> "don't", " ." -> "." etc.
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def _token_text(value):
@@ -150,11 +154,17 @@ class Tokenizer:
     def encode(self, text, add_special_tokens=True, max_length=None, truncation_side=None):
         """Token ids of one text; with max_length the text is cut (from truncation_side, default the
         tokenizer's) so that it fits with its special tokens, which stay."""
-        if max_length is None:
+        with self._truncating(max_length, truncation_side):
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        self.tokenizer.enable_truncation(max_length, direction=truncation_side or self.truncation_side)
+
+    @contextmanager
+    def _truncating(self, max_length, side=None):
+        """The Rust tokenizer cuts to max_length within the block (nothing for None), from `side` or the
+        tokenizer's truncation side; it never keeps a setting between calls."""
+        if max_length is not None:
+            self.tokenizer.enable_truncation(max_length, direction=side or self.truncation_side)
         try:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            yield
         finally:
             self.tokenizer.no_truncation()
 
@@ -168,18 +178,16 @@ class Tokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if text_pairs is not None:
             texts = list(zip(texts, [text_pairs] if isinstance(text_pairs, str) else text_pairs, strict=True))
-        if truncation:
-            self.tokenizer.enable_truncation(max_length or self.model_max_length, direction=self.truncation_side)
-        if padding:
-            if self.pad_token_id is None:
-                raise ValueError("this tokenizer has no pad token; pass padding=False or encode one text at a time")
-            self.tokenizer.enable_padding(direction=self.padding_side, pad_id=self.pad_token_id,
-                                          length=max_length if padding == "max_length" else None)
-        try:
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        finally:
-            self.tokenizer.no_truncation()
-            self.tokenizer.no_padding()
+        if padding and self.pad_token_id is None:
+            raise ValueError("this tokenizer has no pad token; pass padding=False or encode one text at a time")
+        with self._truncating(max_length or self.model_max_length if truncation else None):
+            if padding:
+                self.tokenizer.enable_padding(direction=self.padding_side, pad_id=self.pad_token_id,
+                                              length=max_length if padding == "max_length" else None)
+            try:
+                encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            finally:
+                self.tokenizer.no_padding()
         out = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings]}
         if text_pairs is not None:
             out["token_type_ids"] = [e.type_ids for e in encodings]
@@ -193,9 +201,8 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self.clean_up_tokenization_spaces:  # transformers' clean_up_tokenization (WordPiece's " ." etc.)
-            for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        if self.clean_up_tokenization_spaces:
+            for spaced, joined in CLEAN_UP:
                 text = text.replace(spaced, joined)
         return text
 

@@ -656,14 +656,14 @@ def test_the_checkpoint_keeps_the_best_weights_it_knows(tmp_path, capsys):
 
     out = tmp_path / "out"
     best = {"w": torch.ones(3)}
-    train.replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), save_file(best, str(tmp / "trainable.safetensors"))))
+    train.replace_folder(out / "best", lambda tmp: save_file(best, str(tmp / "trainable.safetensors")))
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 3},
                           out / "best" / "trainable.safetensors")
     later = {"w": torch.zeros(3)}  # a later evaluation's, swapped in as the run does
-    train.replace_folder(out / "best", lambda tmp: (tmp.mkdir(parents=True), save_file(later, str(tmp / "trainable.safetensors"))))
+    train.replace_folder(out / "best", lambda tmp: save_file(later, str(tmp / "trainable.safetensors")))
     train.restore_best(out, best_step=2)
     assert torch.equal(load_file(out / "best" / "trainable.safetensors")["w"], best["w"])
     train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 1})
