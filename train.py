@@ -326,12 +326,13 @@ def link_or_copy(source, target):
         shutil.copyfile(source, target)
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, state, best=None):
+def save_checkpoint(folder, model, optimizer, state, best=None):
     """The checkpoint --resume continues from; `best` (best/trainable.safetensors) goes with it, so that a run
     resumed from here reports and saves the same best weights (best/ may hold a later step's by then)."""
     def write(tmp):
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        # the schedule's place is state["step"]; its shape is the resumed run's (--max-steps may grow)
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
         write_json(tmp / "state.json", state)
         if best is not None:
             link_or_copy(best, tmp / "best.safetensors")
@@ -655,16 +656,19 @@ def main(argv=None):
     if state["step"] > total_steps:  # equal: interrupted in the final evaluation, which resuming redoes
         raise LoadError(f"--resume: the checkpoint is at step {state['step']}, and this run ends at step {total_steps}; "
                         "pass a larger --max-steps or --epochs to train on")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
+    schedule = lr_lambda(args.schedule, warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if args.resume:
         load_trainable(model, out / "checkpoint" / "trainable.safetensors")
         try:
             saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:  # torch.load's,
             # the states' (weights_only refuses anything but tensors and plain containers: UnpicklingError)
             raise damaged(out / "checkpoint" / "optimizer.pt", e) from e
+        # at its step of this run's schedule: the saved learning rate is the interrupted run's, which differs
+        # when the resumed run is longer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=state["step"] - 1)
         if is_main:
             restore_best(out, state["best_step"])
     virtual = getattr(model, "virtual_tokens", 0)  # a soft prompt's positions: its last one predicts the first token
@@ -682,7 +686,7 @@ def main(argv=None):
     def checkpoint():
         if is_main:
             best = out / "best" / "trainable.safetensors" if state["best_step"] is not None else None
-            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, state, best)
+            save_checkpoint(out / "checkpoint", model, optimizer, state, best)
 
     def evaluate_step():
         """Evaluate after this step, keep the best weights; whether early stopping ends the run."""

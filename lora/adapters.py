@@ -41,6 +41,7 @@ DEFAULT_TARGETS = {  # peft's defaults, and DistilBERT's (peft has none)
 }
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # peft's file with safe_serialization=False
 
 
 class AdapterError(ValueError):
@@ -68,6 +69,10 @@ class LoraConfig:
                 setattr(self, name, sorted(getattr(self, name)))
         if not isinstance(self.r, int) or self.r <= 0:
             raise AdapterError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        for name in ("alpha", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdapterError(f"LoRA {name} must be a number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         layers = self.layers_to_transform
@@ -229,6 +234,11 @@ def apply_lora(model, config=None, adapter_name="default"):
     adapters are added inactive, as in peft; switch with set_adapter.
     """
     config = config or LoraConfig()
+    if hasattr(model, "prompt_embeddings"):  # peft: "Cannot combine adapters with different peft types"
+        raise AdapterError("this model holds prompt-tuning adapters; LoRA and prompt tuning do not combine in one model "
+                           "(as in peft): add LoRA to the base model instead")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:  # checked before any change
+        raise AdapterError(f"an adapter name must be a non-empty string without '.', got {adapter_name!r}")
     registry = getattr(model, "peft_config", {})
     if adapter_name in registry:
         raise AdapterError(f"the model already has an adapter named {adapter_name!r}")
@@ -481,13 +491,20 @@ def save_adapter(model, folder, adapter_name=None):
     config = model.peft_config[adapter_name]
     head_names = [name for name, _ in heads(model)]
     state = lora_state_to_peft(adapter_state(model, adapter_name), adapter_name, head_names)
+    # the config names only the modules whose copies the file holds: peft loads every one it names (an adapter
+    # loaded from a file without its head keeps the model's own head)
+    saved = [name for name, head in heads(model) if adapter_name in head.modules_to_save]
+    modules_to_save = [m for m in config.modules_to_save or [] if any(n.endswith(m) for n in saved)]
+    kind = task_type(model)
+    if kind == "SEQ_CLS" and not any(n.endswith(CLASSIFIER_HEADS) for n in saved):
+        kind = None  # peft's SEQ_CLS model would look for the head's tensors in the file
     peft_config = {
-        **config.extra, "peft_type": "LORA", "task_type": task_type(model),
+        **config.extra, "peft_type": "LORA", "task_type": kind,
         "base_model_name_or_path": getattr(model, "name_or_path", None), "r": config.r,
         "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": config.target_modules,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "init_lora_weights": True if config.init == "kaiming" else config.init,
-        "modules_to_save": config.modules_to_save or None, "bias": "none", "inference_mode": True,
+        "modules_to_save": modules_to_save or None, "bias": "none", "inference_mode": True,
         "fan_in_fan_out": model_type(model) == "gpt2", "exclude_modules": config.exclude_modules,
         "layers_to_transform": config.layers_to_transform, "layers_pattern": config.layers_pattern,
     }
@@ -508,7 +525,9 @@ def check_adapter_folder(folder):
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         inside, model = folder / "adapter", folder / "model"  # where train.py's run folder holds what it trained
-        hint = (f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else
+        hint = (f"; it holds {PICKLED_WEIGHTS_FILE}, a pickle, which is not loaded for safety: save the adapter with "
+                "safe_serialization=True" if (folder / PICKLED_WEIGHTS_FILE).is_file() else
+                f"; did you mean {inside}?" if (inside / CONFIG_FILE).is_file() else
                 f"; {model} is a fine-tuned model (--method none): pass it as the model" if (model / "config.json").is_file()
                 else "")
         raise AdapterError(f"{folder} is not an adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
@@ -524,7 +543,8 @@ def read_adapter_files(folder):
 # peft options that change which tensors an adapter has or what its layers compute: refused, not ignored
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "target_parameters", "trainable_token_indices",
                "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-               "monteclora_config", "kasa_config", "megatron_config")
+               "monteclora_config", "kasa_config", "megatron_config", "velora_config",
+               "ensure_weight_tying")
 # initialisations that also rewrite the base weights, so the adapter only fits the rewritten base
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 FROZEN_B_INITS = ("mica",)  # lora_B stays frozen in training: a different adapter to train

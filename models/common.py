@@ -112,13 +112,25 @@ def init_new_weights(module, std):
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id):
-    """Index of each row's last real token: what a decoder classifies (transformers' rule)."""
-    if attention_mask is not None:
+    """Index of each row's last token that is not padding: what a decoder classifies.
+
+    transformers' rule, so a head trained here classifies alike there: the rightmost token of input_ids
+    that is not pad_token_id (the attention mask is not read: a real token equal to the pad id, e.g. an
+    eos used as pad, counts as padding); without pad_token_id the last position, for one row only.
+    With inputs_embeds only (a soft prompt), the last position the attention mask keeps
+    (transformers takes the last position there, padding or not).
+    """
+    if input_ids is None:
+        if attention_mask is None:
+            return None
         real = attention_mask.bool()
-    elif pad_token_id is not None and input_ids is not None:
-        real = input_ids != pad_token_id
+    elif pad_token_id is None:
+        if input_ids.shape[0] > 1:
+            raise ValueError("a decoder classifier cannot find each row's last token in a batch without a pad token: "
+                             "set pad_token_id in config.json (transformers refuses such batches too)")
+        return None
     else:
-        return None  # no padding information: the last position
+        real = input_ids != pad_token_id
     positions = torch.arange(real.shape[-1], device=real.device)
     return (positions * real).argmax(-1)
 

@@ -39,7 +39,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
     """Extend each row of input_ids (B, T) by up to max_new_tokens tokens; returns (B, T + new).
 
     Rows that emit an eos token are padded with pad_token_id afterwards; generation stops when every
-    row has finished. eos_token_id may be an int or a list of ids.
+    row has finished. eos_token_id may be an int or a list of ids. Without attention_mask, prompt tokens
+    equal to pad_token_id are padding when pad is not also an eos, as transformers infers the mask.
     """
     if do_sample and not temperature > 0:  # `not >`: nan too
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -47,13 +48,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=20, do_sample
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                       else list(eos_token_id), dtype=torch.long, device=input_ids.device)
+    if attention_mask is None:  # as transformers: pad tokens in the prompt are padding, unless pad is an eos
+        pad_is_padding = pad_token_id is not None and pad_token_id not in eos.tolist()
+        attention_mask = (input_ids != pad_token_id).long() if pad_is_padding else torch.ones_like(input_ids)
     if input_ids.shape[1] == 0 or not attention_mask.bool().any(1).all():  # no token to predict the first new one from
         raise ValueError("every row needs at least one prompt token to continue; an empty prompt has none")
     check_room(model, input_ids.shape[1], max_new_tokens)
-    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
-                       else list(eos_token_id), dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if len(eos) else 0
     cache = KVCache() if use_cache else None

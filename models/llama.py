@@ -86,8 +86,9 @@ def rope_theta(cfg):
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise ValueError(f"rope scaling {kind!r} is not supported (only the default RoPE)")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    return float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    # transformers 5 reads rope_parameters first; a top-level rope_theta is the older place
+    sources = (cfg.get("rope_parameters") or {}, cfg, cfg.get("rope_scaling") or {})
+    return float(next((s["rope_theta"] for s in sources if s.get("rope_theta")), 10000.0))
 
 
 class LlamaModel(nn.Module):

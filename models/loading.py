@@ -148,7 +148,11 @@ def weight_files(folder):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LoadError(f"{index}: no weight_map (tensor name -> file)")
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise LoadError(f"{index} lists shard(s) the folder lacks: {', '.join(absent)}")
+        return files
     others = sorted(path.name for path in folder.glob("*.safetensors"))
     if others:
         raise LoadError(f"{folder} has no model.safetensors or model.safetensors.index.json "
@@ -292,7 +296,24 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
                  ignore_mismatched_sizes)
     model.config, model.name_or_path = cfg, str(name_or_path)
     tokenizer = Tokenizer.from_folder(folder, cfg)
+    if getattr(model, "pad_token_id", 0) is None:  # a decoder classifier finds each row's end by its pad token
+        # a config naming none (GPT-2's) takes the one the tokenizer pads with, and is saved with it
+        model.pad_token_id = cfg["pad_token_id"] = tokenizer.pad_token_id
+    elif task == "seq-cls" and cfg["model_type"] in DECODERS and model.pad_token_id != tokenizer.pad_token_id:
+        raise LoadError(f"{folder}: config.json's pad_token_id {model.pad_token_id} is not the tokenizer's pad token "
+                        f"{tokenizer.pad_token_id}; a classifier would take padding for text")
     return model.eval(), tokenizer
+
+
+ARCHITECTURE_PREFIX = {"bert": "Bert", "distilbert": "DistilBert", "gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}
+
+
+def architecture(model_type, model):
+    """transformers' class name for `model` (config.json's architectures), from its task."""
+    if hasattr(model, "lm_head"):
+        return "GPT2LMHeadModel" if model_type == "gpt2" else ARCHITECTURE_PREFIX[model_type] + "ForCausalLM"
+    task = "ForSequenceClassification" if hasattr(model, "classifier") or hasattr(model, "score") else "Model"
+    return ARCHITECTURE_PREFIX[model_type] + task
 
 
 def save_model(model, folder, tokenizer=None):
@@ -313,9 +334,13 @@ def save_model(model, folder, tokenizer=None):
              if not (tied and name == "lm_head.weight")}  # a tied head is the embedding, stored once
     config = dict(model.config)
     head = getattr(model, "classifier", None) or getattr(model, "score", None)
-    if head is not None:  # sequence classification: transformers sizes the head from id2label
+    if head is not None and len(config.get("id2label") or {}) != head.out_features:
+        # sequence classification: transformers sizes the head from id2label; the checkpoint's names stay when they fit
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(head.out_features)}
         config["label2id"] = {label: int(i) for i, label in config["id2label"].items()}
+    config["architectures"] = [architecture(config["model_type"], model)]
+    config["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # transformers 4's name for it
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

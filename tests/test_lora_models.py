@@ -912,3 +912,73 @@ def test_a_mica_adapter_is_refused(tiny, tmp_path):
     ref.save_pretrained(str(tmp_path))
     with pytest.raises(AdapterError, match=r"init_lora_weights='mica', which trains lora_A only"):
         load_adapter(plain_ours(tiny, "qwen2", "causal-lm"), tmp_path)
+
+
+def test_an_adapter_loaded_without_its_head_saves_a_file_peft_loads(tiny, tmp_path):
+    """peft without task_type on a classifier saves no head; ours loaded it, then saved modules_to_save ["score"]
+    and SEQ_CLS without the tensor, which peft failed on (KeyError score.weight)."""
+    family, task = "gpt2", "seq-cls"
+    ref = peft.get_peft_model(plain_hf(tiny, family, task),
+                              peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["c_attn"])).eval()
+    randomize(ref_inner(ref), seed=7)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    assert read_config(tmp_path / "peft")["task_type"] is None
+    ours = load_adapter(plain_ours(tiny, family, task), tmp_path / "peft").eval()
+    save_adapter(ours, tmp_path / "ours")
+    config = read_config(tmp_path / "ours")
+    assert config["modules_to_save"] is None and config["task_type"] is None
+    again = peft.PeftModel.from_pretrained(plain_hf(tiny, family, task), str(tmp_path / "ours")).eval()
+    ids, mask = inputs(family)
+    check_logits(run_ours(ours, ids, mask), run_ref(again, ids, mask), "ours re-saved -> peft")
+    check_logits(run_ref(again, ids, mask), run_ref(ref, ids, mask), "the same adapter as peft's")
+
+
+def test_lora_on_a_prompt_tuning_model_is_refused_and_leaves_it(tiny, tmp_path):
+    """As peft ("Cannot combine adapters with different peft types"); before, the LoRA load failed half-way and the
+    rollback's own error hid the first, leaving LoRA wrappers and a mixed peft_config behind."""
+    from lora import PromptTuningModel
+
+    family, task = "qwen2", "causal-lm"
+    save_adapter(apply_lora(plain_ours(tiny, family, task), our_config(family, task)), tmp_path / "lora")
+    wrapped = PromptTuningModel(plain_ours(tiny, family, task))
+    wrapped.add_prompt("default", num_virtual_tokens=3)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    for attempt in (lambda: load_adapter(wrapped, tmp_path / "lora", "lora"),
+                    lambda: apply_lora(wrapped, our_config(family, task), "lora")):
+        with pytest.raises(AdapterError, match="LoRA and prompt tuning do not combine"):
+            attempt()
+        assert list(wrapped.peft_config) == ["default"] and not any(isinstance(m, LoRALinear) for m in wrapped.modules())
+        assert wrapped.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("name", ["v1.2", "", "default.x"])
+def test_an_adapter_name_torch_cannot_hold_is_refused_before_any_change(tiny, name):
+    """peft raises torch's KeyError and leaves the model; ours left a LoRA wrapper and every weight frozen."""
+    model = plain_ours(tiny, "gpt2", "seq-cls")
+    with pytest.raises(AdapterError, match="adapter name must be a non-empty string without '.'"):
+        apply_lora(model, our_config("gpt2", "seq-cls"), name)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and not hasattr(model, "peft_config")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"velora_config": {"rank": 4}}, "uses velora_config"),
+    ({"ensure_weight_tying": True}, "uses ensure_weight_tying"),
+    ({"lora_alpha": "8"}, "LoRA alpha must be a number, got '8'"),
+    ({"lora_dropout": None, "r": 4.0}, "rank r must be a positive integer"),
+])
+def test_peft_config_fields_we_do_not_read_are_named(tiny, tmp_path, edit, message):
+    """Each was refused by an unrelated message (a tensor 'has no place', a TypeError)."""
+    family, task = "qwen2", "causal-lm"
+    save_adapter(apply_lora(plain_ours(tiny, family, task), our_config(family, task)), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**read_config(tmp_path), **edit}))
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        load_adapter(plain_ours(tiny, family, task), tmp_path)
+
+
+def test_a_pickled_peft_adapter_is_named_as_such(tiny, tmp_path):
+    ref = peft.get_peft_model(plain_hf(tiny, "qwen2", "causal-lm"), ref_config("qwen2", "causal-lm"))
+    ref.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    with pytest.raises(AdapterError, match="it holds adapter_model.bin, a pickle, which is not loaded for safety"):
+        load_adapter(plain_ours(tiny, "qwen2", "causal-lm"), tmp_path)

@@ -1012,3 +1012,111 @@ def test_bert_classifier_dropout_of_zero_is_kept(tmp_path):
     write_checkpoint(tmp_path / "ck", "bert", "seq-cls", hidden_dropout_prob=0.5, classifier_dropout=0.0)
     model = load_model(str(tmp_path / "ck"), task="seq-cls", num_labels=NUM_LABELS)[0]
     assert model.dropout.p == load_hf(tmp_path / "ck", "bert", "seq-cls").dropout.p == 0.0  # was 0.5
+
+
+def test_rope_parameters_theta_wins_over_a_top_level_one(tmp_path):
+    """transformers 5 reads rope_parameters' theta; a stale top-level rope_theta beside it gave logits off by 0.35."""
+    hf = write_checkpoint(tmp_path / "ck", "llama", "causal-lm", seed=3)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 20000.0}
+    cfg["rope_theta"] = 30000.0
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    hf = load_hf(tmp_path / "ck", "llama", "causal-lm")
+    assert hf.config.rope_parameters["rope_theta"] == 20000.0
+    ids = random_ids("llama", 2, 9)
+    ours = load_model(tmp_path / "ck", task="causal-lm")[0]
+    torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, "llama", "causal-lm", ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_classifier_pools_the_last_token_that_is_not_the_pad_id(tiny, ours, family):
+    """transformers' rule: a real token equal to the pad id (eos used as pad) counts as padding; the mask is
+    not read. Pooling by the mask gave logits off by 0.8-3.5 for rows ending in that token."""
+    model, _ = ours(family, "seq-cls")
+    pad = special(family, "pad")
+    ids = random_ids(family, 3, 8, seed=4)
+    ids[0, -1] = pad  # a real token equal to the pad id ends the row
+    ids[1, 5:] = pad  # "... eos" then right padding
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ref = run_hf(tiny.hf(family, "seq-cls"), family, "seq-cls", ids, mask)
+    torch.testing.assert_close(run_ours(model, ids, mask), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run_ours(model, ids), ref, atol=ATOL, rtol=0)
+
+
+def test_decoder_classifier_without_a_pad_id_takes_the_tokenizers(tiny, tmp_path):
+    """A config naming no pad token (GPT-2's): transformers refuses batches; ours takes the pad token the
+    tokenizer pads with and saves it in config.json, so transformers then pools as we do."""
+    from models import save_model
+    from models.common import last_token_index
+
+    folder = tiny.copy("gpt2", "seq-cls", tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["pad_token_id"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, tok = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS)
+    assert model.pad_token_id == tok.pad_token_id == special("gpt2", "eos")
+    save_model(model, tmp_path / "saved", tok)
+    hf = load_hf(tmp_path / "saved", "gpt2", "seq-cls")
+    assert hf.config.pad_token_id == tok.pad_token_id
+    rows = ragged_rows("gpt2", [7, 4], seed=6)
+    ids, mask = padded_batch(rows, tok.pad_token_id, "right")
+    torch.testing.assert_close(run_ours(model, ids, mask), run_hf(hf, "gpt2", "seq-cls", ids, mask), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="without a pad token"):
+        last_token_index(ids, mask, None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_without_a_mask_reads_pad_tokens_as_padding(tiny, ours, family):
+    """As transformers infers the mask (pad tokens in the prompt, when pad is not an eos); before, a
+    left-padded batch without its mask generated other tokens."""
+    model, _ = ours(family, "causal-lm")
+    pad, eos = (0, special(family, "eos")) if family == "llama" else (special(family, "pad"), special(family, "eos"))
+    rows = ragged_rows(family, [7, 4], seed=8)
+    ids, mask = padded_batch(rows, pad, "left")
+    with_mask = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad)
+    without = generate(model, ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad)
+    if pad != eos:
+        assert torch.equal(without, with_mask)
+        hf = tiny.hf(family, "causal-lm")
+        ref = hf.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        assert torch.equal(without, ref[:, :without.shape[1]])
+    else:  # pad is eos (GPT-2): the prompt's eos tokens are text, as transformers reads them
+        assert torch.equal(without, generate(model, ids, torch.ones_like(ids), max_new_tokens=6, eos_token_id=eos,
+                                             pad_token_id=pad))
+
+
+def test_save_model_keeps_label_names_dtype_and_architecture(tiny, tmp_path):
+    """Label names that fit the head stay (they were rewritten to LABEL_i); config.json's dtype is the
+    tensors' (transformers' dtype="auto" loaded bf16 files as float32); architectures names the saved task's
+    class (a classifier from a causal-LM checkpoint said LlamaForCausalLM)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from models import save_model
+
+    folder = tiny.copy("llama", "seq-cls", tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["id2label"] = {str(i): f"class-{i}" for i in range(NUM_LABELS)}
+    cfg["label2id"] = {f"class-{i}": i for i in range(NUM_LABELS)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, tok = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS, dtype=torch.bfloat16)
+    save_model(model, tmp_path / "saved", tok)
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["id2label"] == cfg["id2label"] and saved["dtype"] == "bfloat16"
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
+    assert hf.dtype == torch.bfloat16 and hf.config.id2label[1] == "class-1"
+
+    causal = tiny.folder("llama", "causal-lm")
+    classifier, tok = load_model(str(causal), task="seq-cls", num_labels=3)
+    save_model(classifier, tmp_path / "from-causal", tok)
+    saved = json.loads((tmp_path / "from-causal" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"] and len(saved["id2label"]) == 3
+
+
+def test_a_shard_the_index_lists_but_the_folder_lacks(tmp_path):
+    write_checkpoint(tmp_path / "ck", "llama", "causal-lm", max_shard_size="20KB")
+    shards = sorted((tmp_path / "ck").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(LoadError, match=f"lists shard\\(s\\) the folder lacks: {shards[-1].name}"):
+        load_model(tmp_path / "ck", task="causal-lm")

@@ -264,6 +264,17 @@ def test_the_log_shows_each_steps_own_learning_rate_and_a_long_warmup_is_noted(t
             "--resume")
 
 
+def test_a_resumed_run_made_longer_follows_the_longer_schedule_from_its_first_step(tiny, tmp_path):
+    """The first resumed step ran at the saved (shorter) schedule's rate: 0.0 for a finished 2-step run resumed
+    to 4 steps, where 4 steps from the start give 0.005."""
+    dataset, folder = keyword_dataset(tmp_path / "data"), tiny.folder("distilbert", "base")
+    common = ["--warmup", 0, "--lr", 0.01, "--batch-size", 4]
+    run(folder, dataset, tmp_path / "resumed", "--max-steps", 2, *common)
+    run(folder, dataset, tmp_path / "resumed", "--max-steps", 4, *common, "--resume")
+    lrs = [row["lr"] for row in log_rows(tmp_path / "resumed")]
+    assert lrs == pytest.approx([0.01, 0.005, 0.005, 0.0025], rel=1e-12)  # two steps of 2, then steps 3-4 of 4
+
+
 POSITIVE_FLAGS = ("--rank", "--batch-size", "--grad-accum", "--max-length", "--num-virtual-tokens", "--eval-batch-size",
                   "--epochs", "--max-steps", "--train-samples", "--eval-samples", "--lr", "--alpha")
 NON_NEGATIVE_FLAGS = ("--warmup", "--weight-decay", "--max-grad-norm", "--eval-every", "--early-stopping-patience",
@@ -659,14 +670,13 @@ def test_the_checkpoint_keeps_the_best_weights_it_knows(tmp_path, capsys):
     train.replace_folder(out / "best", lambda tmp: save_file(best, str(tmp / "trainable.safetensors")))
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 3},
+    train.save_checkpoint(out / "checkpoint", layer, optimizer, {"step": 3},
                           out / "best" / "trainable.safetensors")
     later = {"w": torch.zeros(3)}  # a later evaluation's, swapped in as the run does
     train.replace_folder(out / "best", lambda tmp: save_file(later, str(tmp / "trainable.safetensors")))
     train.restore_best(out, best_step=2)
     assert torch.equal(load_file(out / "best" / "trainable.safetensors")["w"], best["w"])
-    train.save_checkpoint(out / "checkpoint", layer, optimizer, scheduler, {"step": 1})
+    train.save_checkpoint(out / "checkpoint", layer, optimizer, {"step": 1})
     train.restore_best(out, best_step=2)  # a checkpoint of the earlier layout: best/ as found, with a note
     assert torch.equal(load_file(out / "best" / "trainable.safetensors")["w"], best["w"])
     assert "predates keeping the best weights with it" in capsys.readouterr().err
