@@ -84,10 +84,48 @@ def read_json_rows(path):
     return rows
 
 
+# what pandas (and so `datasets`) reads as a missing value in a CSV cell; applied to the label column only (a
+# text "NA" stays a text)
+CSV_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+               "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+CSV_BOOLEANS = {"true": True, "false": False}
+
+
+def read_csv_rows(path):
+    csv.field_size_limit(2**31 - 1)  # the module's default, 131072 characters, is shorter than long documents
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            if None in row:  # fields beyond the header's: an unquoted comma, which `datasets` refuses too
+                raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields where the "
+                                f"header has {len(reader.fieldnames)}; quote a text that holds commas")
+            # an empty cell is a missing value, as `datasets` reads it (None), not an empty text
+            rows.append({k: v if v != "" else None for k, v in row.items()})
+    # CSV has only strings; the label column is typed as `datasets` (pandas) types it: booleans, int64, else
+    # float64, so "10" does not sort between "1" and "2", "1" and " 1.0" are one class, "NA" is no label
+    labels = [row.get("label") for row in rows]
+    labels = [None if label is None or label.strip() in CSV_MISSING else label.strip() for label in labels]
+    present = [label for label in labels if label is not None]
+    if present and all(label.lower() in CSV_BOOLEANS for label in present):
+        labels = [None if label is None else CSV_BOOLEANS[label.lower()] for label in labels]
+    else:
+        for number, pattern in ((int, r"[-+]?\d+"), (float, r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")):
+            if present and all(re.fullmatch(pattern, label) for label in present):
+                labels = [None if label is None else number(label) for label in labels]
+                break
+    for row, label in zip(rows, labels):
+        if "label" in row:
+            row["label"] = label
+    return rows
+
+
 def read_file(path):
     path = Path(path)
     try:
         return read_rows(path)
+    except csv.Error as e:  # e.g. a line ending inside a quoted cell
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as "
                         "UTF-8") from None
@@ -98,17 +136,7 @@ def read_rows(path):
     if suffix in (".jsonl", ".json"):
         return read_json_rows(path)
     if suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            # an empty cell is a missing value, as `datasets` reads it (None), not an empty text
-            rows = [{k: v if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
-        # CSV has only strings; numeric labels become numbers as `datasets` types the column (int64, else
-        # float64), so "10" does not sort between "1" and "2" and "1" and "1.0" are one class
-        for number, pattern in ((int, r"-?\d+"), (float, r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")):
-            if rows and all(re.fullmatch(pattern, str(row.get("label"))) for row in rows):
-                for row in rows:
-                    row["label"] = number(row["label"])
-                break
-        return rows
+        return read_csv_rows(path)
     if suffix == ".parquet":
         import pyarrow  # comes with `datasets`
         import pyarrow.parquet as pq
@@ -143,7 +171,7 @@ def load_splits(dataset, config=None):
         return read_folder(path)
     if path.is_file():
         return {"train": read_file(path)}
-    if path.suffix in FORMATS or str(dataset).startswith((".", "/", "~")) or str(dataset).count("/") > 1:
+    if path.suffix.lower() in FORMATS + UNREAD_DATA_SUFFIXES or str(dataset).startswith((".", "/", "~")) or str(dataset).count("/") > 1:
         raise DataError(f"dataset {dataset!r}: no such file or folder")
     try:
         import datasets
@@ -181,9 +209,12 @@ def data_files(folder):
 def read_folder(path):
     """{split: rows} of a folder of split files, or of split subfolders (train/0000.parquet, ...)."""
     files = data_files(path)
+    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if not files and len(folders) == 1 and split_name(folders[0].name) not in SPLIT_KEYWORDS:
+        # one folder of data inside: a Hub snapshot's data/, the Parquet converter's default/train/0000.parquet
+        return read_folder(folders[0])
     if not files:
-        subfolders = {d.name: data_files(d) for d in sorted(path.iterdir())
-                      if d.is_dir() and not d.name.startswith(".")}
+        subfolders = {d.name: data_files(d) for d in folders}
         subfolders = {name: found for name, found in subfolders.items() if found}
         if subfolders and all(split_name(name) in SPLIT_KEYWORDS for name in subfolders):
             splits = {}
@@ -203,13 +234,20 @@ def read_folder(path):
     return splits
 
 
-def pick_split(splits, wanted, fallbacks):
-    """`wanted` when given (an error if the dataset lacks it), else the first of `fallbacks` it has, else None."""
+def pick_split(splits, wanted, fallbacks, labels=False):
+    """`wanted` when given (an error if the dataset lacks it), else the first of `fallbacks` it has, else None.
+    labels: a fallback labelled -1 throughout (GLUE's test splits: no labels) gives way to a later one, with a note."""
     if wanted:
         if wanted not in splits:
             raise DataError(f"split {wanted!r} not found; the dataset has {', '.join(splits)}")
         return wanted
-    return next((name for name in fallbacks if name and name in splits), None)
+    present = [name for name in dict.fromkeys(fallbacks) if name and name in splits]
+    unlabelled = [name for name in present if labels and all(class_of(row.get("label")) == -1 for row in splits[name])]
+    chosen = next((name for name in present if name not in unlabelled), present[0] if present else None)
+    for name in unlabelled[:present.index(chosen)] if chosen in present else []:
+        print(f"note: split {name!r} has no labels (-1 throughout, as GLUE's test splits); split {chosen!r} is "
+              "evaluated instead", file=sys.stderr)
+    return chosen
 
 
 def columns_of(rows):
@@ -275,6 +313,9 @@ def check_rows(rows, task, split):
             if not isinstance(row["label"], (str, int, float)):  # bool is an int
                 raise DataError(f"split {split!r} row {number}: label {row['label']!r} is not one class "
                                 "(a string or a number)")
+            if isinstance(row["label"], float) and not row["label"].is_integer():
+                raise DataError(f"split {split!r} row {number}: label {row['label']!r} is a score, not a class; "
+                                "regression (e.g. STS-B's similarity scores) is not supported")
     elif task == "causal-lm":
         if not pair_columns(rows) and not text_column(rows):
             raise DataError(f"split {split!r} has neither a text column nor prompt/answer columns "
@@ -307,19 +348,20 @@ def class_of(label):
 
 
 def labelled(rows):
-    """The classes of rows. -1 marks a row without a label (GLUE's test splits; a Hub ClassLabel's missing
-    value) when it stands alone or beside class ids from 0; beside {1}, as in -1/1 sentiment, it is a class."""
+    """The classes of rows; none for a split labelled -1 throughout (GLUE's test splits: no labels). Beside other
+    labels -1 is a class, as in -1/0/1 sentiment."""
     labels = (row.get("label") for row in rows)  # check_rows names a bad one; eval.py reads past its --samples
     classes = {class_of(label) for label in labels if isinstance(label, (str, int, float)) and not no_label(label)}
-    return classes - {-1} if classes == {-1} or 0 in classes else classes
+    return set() if classes == {-1} else classes
 
 
 def label_names(rows_by_split):
     """Sorted distinct classes over all labelled splits; labels that are all integers from 0 name the ids
-    0..max (as a Hub ClassLabel does), other integers keep their values, anything else is named as a string."""
+    0..max (as a Hub ClassLabel does), other integers (1..5 stars, -1/0/1) keep their values, in order, anything
+    else is named as a string."""
     classes = set().union(*map(labelled, rows_by_split))
     if classes and all(isinstance(c, int) for c in classes):
-        return list(range(max(classes) + 1)) if min(classes) >= 0 else sorted(classes)
+        return list(range(max(classes) + 1)) if min(classes) == 0 else sorted(classes)
     return sorted(map(str, classes))
 
 
@@ -339,7 +381,8 @@ def label_ids(rows, names, split):
         label = row["label"]
         key = str(class_of(label)) if by_name else class_of(label)
         if key not in index:
-            unlabelled = "; -1 marks a row without a label, as in GLUE's test splits: use a labelled split" \
+            unlabelled = ("; -1 throughout a split marks rows without labels, as in GLUE's test splits: evaluate a "
+                          "labelled split (train.py --test-split / --eval-split, eval.py --split)") \
                 if class_of(label) == -1 else ""
             raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
                             f"(expected one of {names}){unlabelled}")

@@ -297,7 +297,7 @@ def main(argv=None):
         return results
 
     splits = data.load_splits(args.dataset, args.dataset_config)
-    split = data.pick_split(splits, args.split, ("test", "validation", "train"))
+    split = data.pick_split(splits, args.split, ("test", "validation", "train"), labels=args.task != "causal-lm")
     if split is None:
         raise data.DataError(f"the dataset has no test, validation or train split (it has {', '.join(splits)}); "
                              "pick one with --split")

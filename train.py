@@ -190,8 +190,9 @@ def all_sum(value, world):
 
 def prepare_data(args, tokenizer, task, splits):
     train_name = data.pick_split(splits, args.train_split, ())
-    eval_name = data.pick_split(splits, args.eval_split, ("validation", "test"))
-    test_name = data.pick_split(splits, args.test_split, ("test", eval_name))
+    labels = task != "causal-lm"
+    eval_name = data.pick_split(splits, args.eval_split, ("validation", "test"), labels)
+    test_name = data.pick_split(splits, args.test_split, ("test", eval_name), labels)
     if eval_name is None:
         raise data.DataError(f"the dataset has no validation or test split (splits: {', '.join(splits)}); "
                              "pass --eval-split")

@@ -997,14 +997,27 @@ def test_unknown_task(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
-def test_label_out_of_range(tiny, tmp_path, split):
-    bad = [dict(row) for row in GOOD]
-    bad[5]["label"] = -1  # int labels must be ids 0..K-1
-    splits = {"train": GOOD, "validation": GOOD, split: bad}
-    message = (rf"^split '{split}' row 5: label -1 is out of range \(expected one of \[0, 1\]\); -1 marks a row "
-               r"without a label, as in GLUE's test splits: use a labelled split$")
+def test_minus_one_beside_other_labels_is_a_class(tiny, tmp_path, split):
+    """-1/0/1 sentiment: before, -1 beside 0 was read as "no label" and the run refused the labelled split."""
+    three = [dict(row) for row in GOOD]
+    three[5]["label"] = -1
+    bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD, split: three})
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["labels"] == [-1, 0, 1]
+
+
+def test_a_split_labelled_minus_one_throughout_is_not_evaluated_unless_named(tiny, tmp_path, capsys):
+    """GLUE's layout: the test split has no labels (-1 throughout). By default the validation split is evaluated
+    in its place (the run stopped on "label -1 is out of range"); named with --test-split, the error says what to do."""
+    unlabelled = [dict(row, label=-1) for row in GOOD]
+    bad_run(tiny, tmp_path, {"train": GOOD, "validation": GOOD, "test": unlabelled})
+    assert "note: split 'test' has no labels (-1 throughout, as GLUE's test splits); split 'validation' is evaluated " \
+           "instead" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["labels"] == [0, 1]
+    message = (r"^split 'test' row 0: label -1 is out of range \(expected one of \[0, 1\]\); -1 throughout a split "
+               r"marks rows without labels, as in GLUE's test splits: evaluate a labelled split \(train.py --test-split "
+               r"/ --eval-split, eval.py --split\)$")
     with pytest.raises(data.DataError, match=message):
-        bad_run(tiny, tmp_path, splits)
+        bad_run(tiny, tmp_path / "named", {"train": GOOD, "validation": GOOD, "test": unlabelled}, "--test-split", "test")
 
 
 def test_label_set_comes_from_the_whole_splits(tiny, tmp_path):
@@ -1609,6 +1622,90 @@ def test_labels_are_classes_whatever_type_stores_them(labels, names, ids):
     assert data.label_ids(rows, names, "train") == ids
 
 
+@pytest.mark.parametrize("labels,names,ids", [
+    ([1, 2, 2, 1], [1, 2], [0, 1, 1, 0]),  # 1-based ids: two classes (was a never-used class 0, three outputs)
+    ([5, 1, 3, 3], [1, 3, 5], [2, 0, 1, 1]),  # star ratings keep their values, in order
+    ([-1, 0, 1, 0], [-1, 0, 1], [0, 1, 2, 1]),  # -1/0/1 sentiment (was "label -1 is out of range")
+    ([0, 2, 2, 0], [0, 1, 2], [0, 2, 2, 0]),  # ids from 0 are a ClassLabel's: an absent id keeps its output
+])
+def test_integer_labels_not_from_zero_keep_their_values(labels, names, ids):
+    rows = [{"text": "x", "label": label} for label in labels]
+    assert data.label_names([rows]) == names
+    assert data.label_ids(rows, names, "train") == ids
+
+
+@pytest.mark.parametrize("cells", [
+    [" 0", " 1", "1", "0"],  # a space after the comma
+    ["+1", "-1", "-1", "+1"],
+    ["True", "False", "true", "FALSE"],
+    ["1", "NA", "0", "1"],  # pandas' missing value
+])
+def test_csv_label_columns_are_typed_as_datasets_types_them(tmp_path, cells):
+    """Each gave extra classes (" 0" beside "0", "True" beside "true", a class "NA"; "+1" sorted before "-1")."""
+    import datasets
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label\n" + "".join(f"row {i},{c}\n" for i, c in enumerate(cells)),
+                                      encoding="utf-8")
+    reference = list(datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))["train"])
+    ours = data.load_splits(folder)["train"]
+    assert [row["label"] for row in ours] == [row["label"] for row in reference]  # 1 == 1.0: pandas' NaN makes floats
+
+
+def test_csv_rows_with_more_fields_than_the_header_and_long_cells(tmp_path):
+    """An unquoted comma made " fun movie" a class (`datasets` refuses the file); a cell over 131072 characters
+    stopped the run on csv's traceback (`datasets` reads it)."""
+    import datasets
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label\ngood,1\ngreat, fun movie,1\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"train\.csv:3: 3 fields where the header has 2; quote a text that holds "
+                                             r"commas$"):
+        data.load_splits(folder)
+    long_text = "word " * 40000
+    (folder / "train.csv").write_text(f"text,label\nshort,0\n\"{long_text}\",1\n", encoding="utf-8")
+    reference = list(datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))["train"])
+    assert data.load_splits(folder)["train"] == reference and len(reference[1]["text"]) == len(long_text)
+
+
+@pytest.mark.parametrize("layout", ["data/train.jsonl", "data/train-00000-of-00001.parquet",
+                                    "default/train/0000.parquet", "data/train/part.jsonl"])
+def test_one_data_folder_inside_is_read_as_datasets_reads_it(tmp_path, layout):
+    """A Hub snapshot (README + data/...) and the Parquet converter's layout were "holds no files" or asked for
+    --dataset-config."""
+    import datasets
+
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(4)]
+    folder = tmp_path / "snapshot"
+    path = folder / layout
+    path.parent.mkdir(parents=True)
+    for split, part in (("train", rows[:3]), ("test", rows[3:])):
+        target = path.parent.parent / split / path.name if layout.count("/") == 2 else path.with_name(
+            path.name.replace("train", split))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.Table.from_pylist(part), target)
+        else:
+            target.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    (folder / "README.md").write_text("# a dataset card\n", encoding="utf-8")
+    reference = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))
+    ours = data.load_splits(folder)
+    assert ours.keys() == reference.keys() == {"train", "test"}
+    assert all(ours[split] == list(reference[split]) for split in ours)
+
+
+def test_fractional_labels_are_scores_not_classes(tmp_path):
+    """STS-B's similarity scores made one class per distinct score (40 classes for 40 rows)."""
+    rows = [{"sentence1": "a", "sentence2": "b", "label": score} for score in (0.07, 1.0, 3.25, 5.0)]
+    with pytest.raises(data.DataError, match=r"^split 'train' row 0: label 0\.07 is a score, not a class; regression "
+                                             r"\(e\.g\. STS-B's similarity scores\) is not supported$"):
+        data.check_rows(rows, "seq-cls", "train")
+
+
 def test_nan_labels_and_texts_are_missing(tmp_path):
     """Python's json writes a missing float as NaN; it was read as the class "nan" and the text "nan"."""
     folder = tmp_path / "nan"
@@ -1711,3 +1808,10 @@ def test_dora_magnitudes_are_decayed_as_trainer_decays_them(tiny, tmp_path, monk
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert {n for n, p in trained if id(p) in decayed} == expected
     assert any("lora_magnitude_vector" in n for n in expected)
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.jsonl.gz", "missing.tsv"])
+def test_a_missing_file_is_not_looked_for_on_the_hub(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError, match=rf"^dataset '{re.escape(name)}': no such file or folder$"):
+        data.load_splits(name)
