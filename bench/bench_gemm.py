@@ -94,9 +94,11 @@ def models(repeats):
 
 
 LENGTHS_CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = {capacity!r}
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/bench")
+from common import peak_rss
 import torch, torch.nn.functional as F
 from lora import LoraConfig, apply_lora
 from models import fused, load_model
@@ -121,7 +123,7 @@ start = time.perf_counter()
 for T in list(range(8, 64)) * 2:
     step(T)
 print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                  "peak": peak_rss()}}))
 """
 
 

@@ -30,8 +30,10 @@ CASES = {
 }
 
 PEFT_CHILD = r"""
-import json, math, resource, sys, time
+import json, math, sys, time
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/bench")
+from common import peak_rss
 import torch, peft, transformers
 from data import load_splits, subsample
 folder, c, out = {folder!r}, {case!r}, {out!r}
@@ -82,12 +84,14 @@ with torch.no_grad():
             count += n
 metric = correct / len(test_rows) if seq_cls else math.exp(nll / count)
 print(json.dumps({{"metric": metric, "seconds": seconds,
-                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                   "peak_rss": peak_rss()}}))
 """
 
 OURS_CHILD = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/bench")
+from common import peak_rss
 import train
 c = {case!r}
 argv = ["--model", {folder!r}, "--dataset", {dataset!r}, "--task", c["task"], "--train-samples", str(c["n_train"]),
@@ -99,7 +103,7 @@ if c["modules_to_save"]:
 after = train.main(argv)
 res = json.load(open({out!r} + "/results.json"))
 print(json.dumps({{"metric": after["accuracy" if c["task"] == "seq-cls" else "perplexity"],
-                   "seconds": res["train_seconds"], "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                   "seconds": res["train_seconds"], "peak_rss": peak_rss()}}))
 """
 
 

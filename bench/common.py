@@ -25,6 +25,20 @@ def fetched(name, columns=0):
     return None
 
 
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM) since it started or since reset_peak_rss(). Not
+    ru_maxrss: Linux carries the parent's peak into a child the parent starts, so a child of a large benchmark
+    process read the parent's memory."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss():
+    """Start the peak anew from the current resident memory (Linux's clear_refs "5")."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def timeit(fn, repeats=10, warmup=2):
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):

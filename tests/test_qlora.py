@@ -51,7 +51,8 @@ TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            # not plain "dense": apply_lora would also wrap bert.pooler.dense, inside the pooler that BERT
            # seq-cls trains as a module to save, and such an adapter file does not load back (peft
            # leaves targets inside modules_to_save alone); a lora/adapters.py issue, not a QLoRA one
-           "bert": ["query", "value", "attention.output.dense", "intermediate.dense"]}
+           "bert": ["query", "value", "attention.output.dense", "intermediate.dense"],
+           "distilbert": ["q_lin", "v_lin", "lin1"]}
 HEADS = ("lm_head", "score", "classifier", "pooler")  # full-precision modules (and everything inside)
 WIDE = {"gpt2": {"n_embd": 64}, "qwen2": {"hidden_size": 64, "intermediate_size": 128}}  # in_features % 64 == 0
 
@@ -247,6 +248,34 @@ def test_qlora_logits_match_peft(tmp_path, family):
     save_adapter(ours, tmp_path / "adapter")
     loaded = peft.PeftModel.from_pretrained(bnb_4bit_model(folder), str(tmp_path / "adapter")).eval()
     check_close(run_ref(loaded, ids, mask), ours_logits, atol, f"{family} our file in peft's QLoRA")
+
+
+@pytest.mark.parametrize("family,skip", [("bert", ["classifier", "pooler.dense"]),
+                                         ("distilbert", ["classifier", "pre_classifier"])])
+def test_an_encoder_classifiers_qlora_adapter_loads_into_peft_with_its_full_modules_skipped(tmp_path, family, skip):
+    """Our default modules to save (the head, and BERT's pooler / DistilBERT's pre_classifier) stay unquantized;
+    transformers quantizes them unless told to skip them (README), and peft then failed on them ("only Tensors
+    of floating point dtype can require gradients")."""
+    folder, task = tmp_path / "checkpoint", "seq-cls"
+    width = {"bert": {"hidden_size": 64, "intermediate_size": 128}, "distilbert": {"dim": 64, "hidden_dim": 128}}
+    write_checkpoint(folder, family, task, **width[family])
+    ours = apply_lora(ours_quantized(folder, task, "nf4"),
+                      LoraConfig(r=R, alpha=ALPHA, target_modules=list(TARGETS[family])))
+    for name, p in ours.named_parameters():  # trained LoRA factors and head copies
+        if ".lora_B." in name or ".modules_to_save." in name:
+            with torch.no_grad():
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    save_adapter(ours.eval(), tmp_path / "adapter")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    base = fp32_linear4bit(transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(folder), quantization_config=bnb_config, device_map="cpu", attn_implementation="eager",
+        dtype=torch.float32).eval())
+    ref = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids, mask = inputs(family)
+    ours_logits = run_ours(ours, ids, mask)
+    check_close(ours_logits, run_ref(ref, ids, mask), 1e-4, f"{family} QLoRA classifier in peft")
+    assert_differs(ours_logits, run_ours(ours_quantized(folder, task, "nf4"), ids, mask), "adapter vs base")
 
 
 # ------------------------------------------------------------------ 2. quantized loading
