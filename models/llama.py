@@ -97,7 +97,11 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         qwen2 = cfg["model_type"] == "qwen2"
-        sliding = cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or [])
+        # transformers' layer_types, else what it derives them from: layers from max_window_layers (its default 28) on slide
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention" if cfg.get("use_sliding_window") and i >= cfg.get("max_window_layers", 28) else
+            "full_attention" for i in range(cfg["num_hidden_layers"])]
+        sliding = any(t != "full_attention" for t in layer_types)
         if sliding:  # each position would attend to the last `sliding_window` ones only
             raise ValueError("sliding-window attention (use_sliding_window / layer_types in config.json) is not supported")
         self.max_positions = cfg.get("max_position_embeddings", 2048)

@@ -540,7 +540,7 @@ def test_config_flags_that_change_the_math(tmp_path, family, task, config):
 
 
 @pytest.mark.parametrize("family,task,config,message", [
-    ("qwen2", "causal-lm", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0},
+    ("qwen2", "causal-lm", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0, "layer_types": None},
      "sliding-window attention"),
     ("bert", "base", {"is_decoder": True}, "BERT as a decoder"),
     ("llama", "causal-lm", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
@@ -1120,3 +1120,15 @@ def test_a_shard_the_index_lists_but_the_folder_lacks(tmp_path):
     shards[-1].unlink()
     with pytest.raises(LoadError, match=f"lists shard\\(s\\) the folder lacks: {shards[-1].name}"):
         load_model(tmp_path / "ck", task="causal-lm")
+
+
+def test_qwen2_sliding_window_on_no_layer_is_plain_attention(tmp_path):
+    """use_sliding_window with max_window_layers >= the layers: transformers slides in no layer (it was refused)."""
+    hf = write_checkpoint(tmp_path / "ck", "qwen2", "causal-lm", seed=2, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=2)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg.pop("layer_types", None)  # as older configs: derived from max_window_layers
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    ids = random_ids("qwen2", 2, 9)
+    ours = load_model(tmp_path / "ck", task="causal-lm")[0]
+    torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, "qwen2", "causal-lm", ids), atol=ATOL, rtol=0)
