@@ -182,7 +182,12 @@ def load_splits(dataset, config=None):
                         f"{type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a local folder of "
                         f"{'/'.join(FORMATS)} split files instead") from None
-    return {name: list(split) for name, split in loaded.items()}
+    splits = {name: list(split) for name, split in loaded.items()}
+    for name, split in loaded.items():  # a ClassLabel's -1 is a missing label (GLUE's test splits, SNLI's)
+        if isinstance(getattr(split, "features", {}).get("label"), datasets.ClassLabel):
+            for row in splits[name]:
+                row["label"] = None if row["label"] == -1 else row["label"]
+    return splits
 
 
 def split_name(stem):
@@ -242,8 +247,12 @@ def pick_split(splits, wanted, fallbacks, labels=False):
             raise DataError(f"split {wanted!r} not found; the dataset has {', '.join(splits)}")
         return wanted
     present = [name for name in dict.fromkeys(fallbacks) if name and name in splits]
-    unlabelled = [name for name in present if labels and all(class_of(row.get("label")) == -1 for row in splits[name])]
-    chosen = next((name for name in present if name not in unlabelled), present[0] if present else None)
+    unlabelled = [name for name in present if labels and splits[name]
+                  and all(no_label(row.get("label")) or class_of(row.get("label")) == -1 for row in splits[name])]
+    # never the train split in an unlabelled one's place: scores on the training data would pass for a test's
+    chosen = next((name for name in present if name not in unlabelled and name != "train"), None) \
+        if unlabelled else None
+    chosen = chosen or (present[0] if present else None)
     for name in unlabelled[:present.index(chosen)] if chosen in present else []:
         print(f"note: split {name!r} has no labels (-1 throughout, as GLUE's test splits); split {chosen!r} is "
               "evaluated instead", file=sys.stderr)
@@ -348,11 +357,13 @@ def class_of(label):
 
 
 def labelled(rows):
-    """The classes of rows; none for a split labelled -1 throughout (GLUE's test splits: no labels). Beside other
-    labels -1 is a class, as in -1/0/1 sentiment."""
+    """The classes of rows. -1 is a class beside 1, or 0 and 1 (-1/1 and -1/0/1 sentiment); it marks a row without
+    a label throughout a split (GLUE's test splits) and beside ids 0..K with K >= 2 (SNLI's pairs without a gold
+    label). (A Hub dataset's ClassLabel says so itself: load_splits reads its -1 as missing.)"""
     labels = (row.get("label") for row in rows)  # check_rows names a bad one; eval.py reads past its --samples
     classes = {class_of(label) for label in labels if isinstance(label, (str, int, float)) and not no_label(label)}
-    return set() if classes == {-1} else classes
+    others = classes - {-1}
+    return classes if -1 in classes and others and others <= {0, 1} else others
 
 
 def label_names(rows_by_split):
@@ -381,9 +392,9 @@ def label_ids(rows, names, split):
         label = row["label"]
         key = str(class_of(label)) if by_name else class_of(label)
         if key not in index:
-            unlabelled = ("; -1 throughout a split marks rows without labels, as in GLUE's test splits: evaluate a "
-                          "labelled split (train.py --test-split / --eval-split, eval.py --split)") \
-                if class_of(label) == -1 else ""
+            unlabelled = ("; -1 marks a row without a label here (GLUE's test splits, SNLI's pairs without a gold "
+                          "label): leave such rows out, or pick a labelled split (train.py --test-split / --eval-split, "
+                          "eval.py --split)") if class_of(label) == -1 else ""
             raise DataError(f"split {split!r} row {number}: label {label!r} is out of range "
                             f"(expected one of {names}){unlabelled}")
         ids.append(index[key])

@@ -7,7 +7,7 @@ The loop, top to bottom: AdamW on the trainable parameters only; linear or cosin
 warmup; gradient accumulation (the loss of an optimizer step is the sum over its micro-batches divided
 by the step's total number of examples, or label tokens, so 2 x 4 equals 8 exactly); clipping;
 evaluation every N steps with early stopping and the best weights kept; a checkpoint (trainable
-weights, optimizer, scheduler, data position) every N steps and on interruption, from which --resume
+weights, optimizer, step, data position; the schedule is rebuilt at that step) every N steps and on interruption, from which --resume
 continues exactly. Data order is a fixed permutation per epoch (seed + epoch), so the data position is
 just (epoch, micro-batch index); each step seeds the random generator (dropout masks) from (seed, step,
 process), so the step number restores the RNG state too, on every process of a torchrun job.
@@ -811,13 +811,13 @@ def main(argv=None):
         results = {"before": state["before"], "after": after, "best_step": state["best_step"], "task": task,
                    "labels": names, "train_seconds": time.time() - started - eval_seconds[0]}
         saved = out / ("model" if args.method == "none" else "adapter")  # full fine-tuning: a whole checkpoint
-        save_output(model, tokenizer, saved, args, names, words)
+        save_output(model, tokenizer, saved, args, task, names, words)
         if plot_curves(out / "log.jsonl", out / "curves.png"):
             print(f"curves: {out / 'curves.png'}")
         print(f"saved: {saved}")
         if args.save_merged:  # after the adapter, as merging changes the model in place
             merged = merge_and_unload(dequantize_model(model))
-            replace_folder(out / "merged", lambda tmp: save_model(merged, tmp, tokenizer))
+            replace_folder(out / "merged", lambda tmp: save_model(merged, tmp, tokenizer, head_labels(task, names)))
             print(f"saved the merged model: {out / 'merged'}")
         written = {saved.name} | ({"merged"} if args.save_merged else set())
         for stale in sorted({"adapter", "model", "merged"} - written):
@@ -831,12 +831,17 @@ def main(argv=None):
     return after
 
 
-def save_output(model, tokenizer, folder, args, names, words=None):
+def head_labels(task, names):
+    """The data's label names for a saved classifier's config.json (None for an LM)."""
+    return [str(name) for name in names] if task == "seq-cls" and names else None
+
+
+def save_output(model, tokenizer, folder, args, task, names, words=None):
     """The adapter in peft's format (or, after full fine-tuning, the whole model), the tokenizer and the
     labels in head order (eval.py maps a split's labels through them), with generate-label's words."""
     def write(tmp):
         if args.method == "none":
-            save_model(model, tmp, tokenizer)
+            save_model(model, tmp, tokenizer, head_labels(task, names))
         else:
             save_adapter(model, tmp)
             tokenizer.save(tmp)

@@ -489,15 +489,15 @@ def save_adapter(model, folder, adapter_name=None):
     adapter_name = adapter_name or getattr(model, "active_adapter", None)
     _check_adapter(model, adapter_name)
     config = model.peft_config[adapter_name]
-    head_names = [name for name, _ in heads(model)]
-    state = lora_state_to_peft(adapter_state(model, adapter_name), adapter_name, head_names)
+    state = lora_state_to_peft(adapter_state(model, adapter_name), adapter_name, [name for name, _ in heads(model)])
     # the config names only the modules whose copies the file holds: peft loads every one it names (an adapter
     # loaded from a file without its head keeps the model's own head)
-    saved = [name for name, head in heads(model) if adapter_name in head.modules_to_save]
-    modules_to_save = [m for m in config.modules_to_save or [] if any(n.endswith(m) for n in saved)]
+    saved = {name for name, head in heads(model) if adapter_name in head.modules_to_save}
+    held = lambda names: set(head_names(model, names)) <= saved  # noqa: E731 (peft's suffix rule, as head_names)
+    modules_to_save = [m for m in config.modules_to_save or [] if held([m])]
     kind = task_type(model)
-    if kind == "SEQ_CLS" and not any(n.endswith(CLASSIFIER_HEADS) for n in saved):
-        kind = None  # peft's SEQ_CLS model would look for the head's tensors in the file
+    if kind == "SEQ_CLS" and not (head_names(model, CLASSIFIER_HEADS) and held(CLASSIFIER_HEADS)):
+        kind = None  # peft's SEQ_CLS model would look for its heads' tensors (both of DistilBERT's) in the file
     peft_config = {
         **config.extra, "peft_type": "LORA", "task_type": kind,
         "base_model_name_or_path": getattr(model, "name_or_path", None), "r": config.r,

@@ -97,9 +97,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         qwen2 = cfg["model_type"] == "qwen2"
-        # transformers' layer_types, else what it derives them from: layers from max_window_layers (its default 28) on slide
+        # transformers' layer_types, else what it derives them from: layers from max_window_layers on slide
         layer_types = cfg.get("layer_types") or [
-            "sliding_attention" if cfg.get("use_sliding_window") and i >= cfg.get("max_window_layers", 28) else
+            "sliding_attention" if cfg.get("use_sliding_window") and i >= (cfg.get("max_window_layers") or 0) else
             "full_attention" for i in range(cfg["num_hidden_layers"])]
         sliding = any(t != "full_attention" for t in layer_types)
         if sliding:  # each position would attend to the last `sliding_window` ones only

@@ -301,7 +301,8 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
         model.pad_token_id = cfg["pad_token_id"] = tokenizer.pad_token_id
     elif task == "seq-cls" and cfg["model_type"] in DECODERS and model.pad_token_id != tokenizer.pad_token_id:
         raise LoadError(f"{folder}: config.json's pad_token_id {model.pad_token_id} is not the tokenizer's pad token "
-                        f"{tokenizer.pad_token_id}; a classifier would take padding for text")
+                        f"{tokenizer.pad_token_id}; a classifier would take padding for text: make them one (edit "
+                        "pad_token_id in config.json or the pad token in tokenizer_config.json)")
     return model.eval(), tokenizer
 
 
@@ -316,9 +317,11 @@ def architecture(model_type, model):
     return ARCHITECTURE_PREFIX[model_type] + task
 
 
-def save_model(model, folder, tokenizer=None):
+def save_model(model, folder, tokenizer=None, labels=None):
     """Write `model` as a Hugging Face checkpoint (config.json, model.safetensors with HF names, and
     the tokenizer's files when given): load_model and transformers' from_pretrained both read it.
+    labels: a classifier's label names in head order, for config.json's id2label (without them the
+    checkpoint's names stay when they fit the head, else LABEL_i as transformers names them).
 
     A LoRA model must be merged first (lora.merge_and_unload) and a quantized one dequantized
     (quant.dequantize_model): the file holds plain full-precision weights only.
@@ -334,10 +337,13 @@ def save_model(model, folder, tokenizer=None):
              if not (tied and name == "lm_head.weight")}  # a tied head is the embedding, stored once
     config = dict(model.config)
     head = getattr(model, "classifier", None) or getattr(model, "score", None)
-    if head is not None and len(config.get("id2label") or {}) != head.out_features:
-        # sequence classification: transformers sizes the head from id2label; the checkpoint's names stay when they fit
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(head.out_features)}
-        config["label2id"] = {label: int(i) for i, label in config["id2label"].items()}
+    if labels is not None and (head is None or len(labels) != head.out_features):
+        raise ValueError(f"{len(labels)} label names for a model with {head.out_features if head else 'no'} outputs")
+    if head is not None and (labels is not None or len(config.get("id2label") or {}) != head.out_features):
+        # sequence classification: transformers sizes the head from id2label
+        names = labels or [f"LABEL_{i}" for i in range(head.out_features)]
+        config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        config["label2id"] = {name: i for i, name in enumerate(names)}
     config["architectures"] = [architecture(config["model_type"], model)]
     config["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
     config.pop("torch_dtype", None)  # transformers 4's name for it

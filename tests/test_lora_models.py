@@ -933,6 +933,24 @@ def test_an_adapter_loaded_without_its_head_saves_a_file_peft_loads(tiny, tmp_pa
     check_logits(run_ref(again, ids, mask), run_ref(ref, ids, mask), "the same adapter as peft's")
 
 
+def test_a_re_saved_distilbert_adapter_without_its_classifier_loads_in_peft(tiny, tmp_path):
+    """peft's suffix rule: "classifier" also names DistilBERT's pre_classifier. A file holding pre_classifier only was
+    re-saved as SEQ_CLS with modules_to_save [pre_classifier, classifier] (peft: KeyError classifier.weight)."""
+    family, task = "distilbert", "seq-cls"
+    ref = peft.get_peft_model(plain_hf(tiny, family, task), peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=["q_lin"], modules_to_save=["pre_classifier"])).eval()
+    randomize(ref_inner(ref), seed=9)
+    ref.save_pretrained(str(tmp_path / "peft"))
+    ours = load_adapter(plain_ours(tiny, family, task), tmp_path / "peft").eval()
+    save_adapter(ours, tmp_path / "ours")
+    config = read_config(tmp_path / "ours")
+    assert config["modules_to_save"] == ["pre_classifier"] and config["task_type"] is None
+    again = peft.PeftModel.from_pretrained(plain_hf(tiny, family, task), str(tmp_path / "ours")).eval()
+    ids, mask = inputs(family)
+    check_logits(run_ours(ours, ids, mask), run_ref(again, ids, mask), "ours re-saved -> peft")
+    check_logits(run_ref(again, ids, mask), run_ref(ref, ids, mask), "the same adapter as peft's")
+
+
 def test_lora_on_a_prompt_tuning_model_is_refused_and_leaves_it(tiny, tmp_path):
     """As peft ("Cannot combine adapters with different peft types"); before, the LoRA load failed half-way and the
     rollback's own error hid the first, leaving LoRA wrappers and a mixed peft_config behind."""

@@ -214,6 +214,19 @@ def test_full_fine_tuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
         check_adapter_folder(out)
 
 
+def test_a_fully_fine_tuned_classifier_saves_the_datas_label_names(tiny, tmp_path):
+    """config.json's id2label names the data's labels (the checkpoint's names, or LABEL_i, were kept), so
+    transformers' pipelines print them; the merged export too."""
+    from transformers import AutoConfig
+
+    rows = [{"text": f"{word} review {i}", "label": word} for i, word in enumerate(["spam", "ham"] * 8)]
+    for method, folder in (("none", "model"), ("lora", "merged")):
+        bad_run(tiny, tmp_path / method, {"train": rows, "validation": rows}, "--method", method, "--task", "seq-cls",
+                *(["--save-merged"] if method == "lora" else []))
+        saved = AutoConfig.from_pretrained(str(tmp_path / method / "out" / folder))
+        assert saved.id2label == {0: "ham", 1: "spam"} and saved.label2id == {"ham": 0, "spam": 1}
+
+
 def test_shared_eval_and_test_split_is_evaluated_once(tiny, tmp_path, monkeypatch):
     """Without a test split the final evaluation of the best weights is reused for "after"; it equals
     evaluating the saved adapter afresh."""
@@ -1013,9 +1026,9 @@ def test_a_split_labelled_minus_one_throughout_is_not_evaluated_unless_named(tin
     assert "note: split 'test' has no labels (-1 throughout, as GLUE's test splits); split 'validation' is evaluated " \
            "instead" in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "results.json").read_text())["labels"] == [0, 1]
-    message = (r"^split 'test' row 0: label -1 is out of range \(expected one of \[0, 1\]\); -1 throughout a split "
-               r"marks rows without labels, as in GLUE's test splits: evaluate a labelled split \(train.py --test-split "
-               r"/ --eval-split, eval.py --split\)$")
+    message = (r"^split 'test' row 0: label -1 is out of range \(expected one of \[0, 1\]\); -1 marks a row without a "
+               r"label here \(GLUE's test splits, SNLI's pairs without a gold label\): leave such rows out, or pick a "
+               r"labelled split \(train.py --test-split / --eval-split, eval.py --split\)$")
     with pytest.raises(data.DataError, match=message):
         bad_run(tiny, tmp_path / "named", {"train": GOOD, "validation": GOOD, "test": unlabelled}, "--test-split", "test")
 
@@ -1626,12 +1639,31 @@ def test_labels_are_classes_whatever_type_stores_them(labels, names, ids):
     ([1, 2, 2, 1], [1, 2], [0, 1, 1, 0]),  # 1-based ids: two classes (was a never-used class 0, three outputs)
     ([5, 1, 3, 3], [1, 3, 5], [2, 0, 1, 1]),  # star ratings keep their values, in order
     ([-1, 0, 1, 0], [-1, 0, 1], [0, 1, 2, 1]),  # -1/0/1 sentiment (was "label -1 is out of range")
+    ([0, 1, 2, 0], [0, 1, 2], [0, 1, 2, 0]),  # beside ids 0..2, -1 is SNLI's "no gold label" (next test)
     ([0, 2, 2, 0], [0, 1, 2], [0, 2, 2, 0]),  # ids from 0 are a ClassLabel's: an absent id keeps its output
 ])
 def test_integer_labels_not_from_zero_keep_their_values(labels, names, ids):
     rows = [{"text": "x", "label": label} for label in labels]
     assert data.label_names([rows]) == names
     assert data.label_ids(rows, names, "train") == ids
+
+
+def test_minus_one_beside_three_or_more_ids_from_zero_is_no_label():
+    """SNLI marks pairs without a gold label -1: they must not become a fourth class, trained and scored."""
+    rows = [{"premise": "p", "hypothesis": "h", "label": y} for y in (0, 1, 2, -1, 0, 2)]
+    assert data.label_names([rows]) == [0, 1, 2]
+    with pytest.raises(data.DataError, match=r"^split 'train' row 3: label -1 is out of range .*SNLI's pairs"):
+        data.label_ids(rows, [0, 1, 2], "train")
+
+
+def test_a_split_without_labels_never_gives_way_to_train_and_an_empty_one_is_not_unlabelled():
+    rows = keyword_rows(4)
+    unlabelled = [dict(row, label=-1) for row in rows]
+    fallbacks = ("test", "validation", "train")
+    assert data.pick_split({"train": rows, "test": unlabelled}, None, fallbacks, labels=True) == "test"
+    assert data.pick_split({"train": rows, "validation": rows, "test": []}, None, fallbacks, labels=True) == "test"
+    assert data.pick_split({"train": rows, "validation": rows, "test": unlabelled}, None, fallbacks,
+                           labels=True) == "validation"
 
 
 @pytest.mark.parametrize("cells", [
@@ -1815,3 +1847,19 @@ def test_a_missing_file_is_not_looked_for_on_the_hub(tmp_path, monkeypatch, name
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.DataError, match=rf"^dataset '{re.escape(name)}': no such file or folder$"):
         data.load_splits(name)
+
+
+def test_a_hub_class_label_minus_one_is_a_missing_label(monkeypatch):
+    """The dataset's own ClassLabel says -1 is "no label" (SNLI, GLUE's test splits), whatever the other ids."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    hub = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, -1]}, features=features),
+        "test": datasets.Dataset.from_dict({"text": ["d", "e"], "label": [-1, -1]}, features=features)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a: hub)
+    splits = data.load_splits("someone/reviews")
+    assert [row["label"] for row in splits["train"]] == [0, 1, None]
+    assert data.pick_split(splits, None, ("test", "train"), labels=True) == "test"  # never train in its place
+    with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing label$"):
+        data.check_rows(splits["train"], "seq-cls", "train")
