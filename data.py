@@ -429,6 +429,10 @@ def encode_texts(tokenizer, texts, pairs, max_length):
     encoded = tokenizer(texts, text_pairs=pairs, padding=False, truncation=True, max_length=max_length,
                         return_tensors=None)
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded and k in tokenizer.model_input_names]
+    empty = next((i for i, ids in enumerate(encoded["input_ids"]) if not ids), None)
+    if empty is not None:  # GPT-2 and Qwen2 tokenizers add no token: a classifier would have nothing to read
+        raise DataError(f"text {empty} is empty and this tokenizer adds no special token, so it has no token to "
+                        "classify; leave it out")
     return [dict(zip(keys, values)) for values in zip(*(encoded[k] for k in keys))]
 
 

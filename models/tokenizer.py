@@ -109,8 +109,8 @@ class Tokenizer:
             token_id = cfg.get(f"{name}_token_id")
             token_id = token_id[0] if isinstance(token_id, list) else token_id
             if special[name] is None and token_id is not None:
-                special[name] = tok.id_to_token(token_id)
-        if special["pad"] is None:
+                special[name] = tok.id_to_token(token_id) if 0 <= token_id < tok.get_vocab_size() else None  # -1: none
+        if special["pad"] is None or tok.token_to_id(special["pad"]) is None:  # none, or a word the vocabulary lacks
             special["pad"] = special["eos"]
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
         extra = [_token_text(t) for t in (extra if isinstance(extra, list) else extra.values())]
@@ -216,3 +216,11 @@ class Tokenizer:
             source = None if self.folder is None else Path(self.folder) / name
             if source is not None and source.is_file() and (Path(folder) / name).resolve() != source.resolve():
                 shutil.copy(source, Path(folder) / name)
+        config_file = Path(folder) / "tokenizer_config.json"
+        config = _read_json(config_file)
+        if self.pad_token_id is not None and not config.get("pad_token"):
+            # the pad token batches were padded with (eos for GPT-2-style files that name none), so transformers'
+            # AutoTokenizer pads the same way
+            from .loading import write_json
+
+            write_json(config_file, {**config, "pad_token": self.tokenizer.id_to_token(self.pad_token_id)})

@@ -1132,3 +1132,28 @@ def test_qwen2_sliding_window_on_no_layer_is_plain_attention(tmp_path):
     ids = random_ids("qwen2", 2, 9)
     ours = load_model(tmp_path / "ck", task="causal-lm")[0]
     torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, "qwen2", "causal-lm", ids), atol=ATOL, rtol=0)
+
+
+def test_a_config_pad_id_of_minus_one_means_none(tiny, tmp_path):
+    """LLaMA-1-era conversions say "pad_token_id": -1; loading stopped on an OverflowError in the tokenizer."""
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "pad_token_id": -1}))
+    model, tok = load_model(str(folder), task="causal-lm")
+    assert tok.pad_token_id == tok.eos_token_id == special("llama", "eos")
+    with pytest.raises(LoadError, match="config.json's pad_token_id -1 is not the tokenizer's pad token"):
+        load_model(str(folder), task="seq-cls")
+
+
+def test_a_saved_tokenizer_names_the_pad_token_it_padded_with(tiny, tmp_path):
+    """GPT-2-style files name no pad token; ours pads with eos, and the saved tokenizer_config.json now says so, so
+    transformers' AutoTokenizer pads alike (it could not pad at all)."""
+    from transformers import AutoTokenizer
+
+    model, tok = load_model(str(tiny.folder("gpt2", "seq-cls")), task="seq-cls", num_labels=NUM_LABELS)
+    assert AutoTokenizer.from_pretrained(str(tiny.folder("gpt2", "seq-cls"))).pad_token is None
+    tok.save(tmp_path / "saved")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert theirs.pad_token_id == tok.pad_token_id == special("gpt2", "eos")
+    batch = theirs(["the quick brown fox", "a"], padding=True)
+    assert batch["input_ids"] == tok(["the quick brown fox", "a"], return_tensors=None)["input_ids"]
