@@ -142,9 +142,17 @@ def read_rows(path):
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
         except pyarrow.ArrowException as e:
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        rows = table.to_pylist()
+        # a file written by `datasets` records its features: a ClassLabel's -1 is a missing label, as load_splits
+        # reads it from the Hub
+        features = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+        if (features.get("label") or {}).get("_type") == "ClassLabel":
+            for row in rows:
+                row["label"] = None if row.get("label") == -1 else row.get("label")
+        return rows
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -314,6 +322,9 @@ def check_rows(rows, task, split):
         if missing:
             raise DataError(f"split {split!r} lacks column(s) {', '.join(missing)} needed by {task}; "
                             f"it has {', '.join(sorted(cols))}")
+        if all(no_label(row.get("label")) for row in rows):  # a Hub ClassLabel's -1 throughout (GLUE's test splits)
+            raise DataError(f"split {split!r} has no labels: pick a labelled split (train.py --test-split / "
+                            "--eval-split, eval.py --split)")
         for number, row in enumerate(rows):
             missing = "label" if no_label(row.get("label")) else \
                 next((c for c in texts if is_missing(row.get(c))), None)
@@ -357,20 +368,25 @@ def class_of(label):
 
 
 def labelled(rows):
-    """The classes of rows. -1 is a class beside 1, or 0 and 1 (-1/1 and -1/0/1 sentiment); it marks a row without
-    a label throughout a split (GLUE's test splits) and beside ids 0..K with K >= 2 (SNLI's pairs without a gold
-    label). (A Hub dataset's ClassLabel says so itself: load_splits reads its -1 as missing.)"""
+    """The classes of rows; none for a split labelled -1 throughout (GLUE's test splits: no labels)."""
     labels = (row.get("label") for row in rows)  # check_rows names a bad one; eval.py reads past its --samples
     classes = {class_of(label) for label in labels if isinstance(label, (str, int, float)) and not no_label(label)}
+    return set() if classes == {-1} else classes
+
+
+def without_missing(classes):
+    """-1 beside ids 0..K with K >= 2 marks rows without a label (SNLI's pairs without a gold label); beside other
+    labels (-1/1, -1/0/1, -2..2 sentiment) it is a class. A ClassLabel says so itself: its -1 is read as missing."""
     others = classes - {-1}
-    return classes if -1 in classes and others and others <= {0, 1} else others
+    ids = others and all(isinstance(c, int) for c in others) and min(others) == 0 and max(others) >= 2
+    return others if ids else classes
 
 
 def label_names(rows_by_split):
     """Sorted distinct classes over all labelled splits; labels that are all integers from 0 name the ids
     0..max (as a Hub ClassLabel does), other integers (1..5 stars, -1/0/1) keep their values, in order, anything
     else is named as a string."""
-    classes = set().union(*map(labelled, rows_by_split))
+    classes = without_missing(set().union(*map(labelled, rows_by_split)))  # decided over every split at once
     if classes and all(isinstance(c, int) for c in classes):
         return list(range(max(classes) + 1)) if min(classes) == 0 else sorted(classes)
     return sorted(map(str, classes))
@@ -429,10 +445,9 @@ def encode_texts(tokenizer, texts, pairs, max_length):
     encoded = tokenizer(texts, text_pairs=pairs, padding=False, truncation=True, max_length=max_length,
                         return_tensors=None)
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded and k in tokenizer.model_input_names]
-    empty = next((i for i, ids in enumerate(encoded["input_ids"]) if not ids), None)
-    if empty is not None:  # GPT-2 and Qwen2 tokenizers add no token: a classifier would have nothing to read
-        raise DataError(f"text {empty} is empty and this tokenizer adds no special token, so it has no token to "
-                        "classify; leave it out")
+    if any(not ids for ids in encoded["input_ids"]):  # GPT-2 and Qwen2 tokenizers add no token to an empty text
+        raise DataError("a text is empty and this tokenizer adds no special token, so a classifier has no token to "
+                        "read; leave empty texts out")
     return [dict(zip(keys, values)) for values in zip(*(encoded[k] for k in keys))]
 
 

@@ -97,10 +97,14 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         qwen2 = cfg["model_type"] == "qwen2"
-        # transformers' layer_types, else what it derives them from: layers from max_window_layers on slide
+        # transformers' layer_types, else what it derives them from: layers from max_window_layers (default 28) on
+        # slide, if there is a window
+        slides = cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None
+        first_sliding = cfg.get("max_window_layers", 28)
+        first_sliding = 0 if first_sliding is None else first_sliding  # null: transformers fails; refused here
         layer_types = cfg.get("layer_types") or [
-            "sliding_attention" if cfg.get("use_sliding_window") and i >= (cfg.get("max_window_layers") or 0) else
-            "full_attention" for i in range(cfg["num_hidden_layers"])]
+            "sliding_attention" if slides and i >= first_sliding else "full_attention"
+            for i in range(cfg["num_hidden_layers"])]
         sliding = any(t != "full_attention" for t in layer_types)
         if sliding:  # each position would attend to the last `sliding_window` ones only
             raise ValueError("sliding-window attention (use_sliding_window / layer_types in config.json) is not supported")

@@ -296,8 +296,9 @@ def load_model(name_or_path, task="causal-lm", num_labels=2, dtype=torch.float32
                  ignore_mismatched_sizes)
     model.config, model.name_or_path = cfg, str(name_or_path)
     tokenizer = Tokenizer.from_folder(folder, cfg)
-    if getattr(model, "pad_token_id", 0) is None:  # a decoder classifier finds each row's end by its pad token
-        # a config naming none (GPT-2's) takes the one the tokenizer pads with, and is saved with it
+    if getattr(model, "pad_token_id", 0) in (None, -1):  # a decoder classifier finds each row's end by its pad token
+        # a config naming none (GPT-2's; -1 in LLaMA-1-era conversions) takes the one the tokenizer pads with, and
+        # is saved with it
         model.pad_token_id = cfg["pad_token_id"] = tokenizer.pad_token_id
     elif task == "seq-cls" and cfg["model_type"] in DECODERS and model.pad_token_id != tokenizer.pad_token_id:
         raise LoadError(f"{folder}: config.json's pad_token_id {model.pad_token_id} is not the tokenizer's pad token "

@@ -218,9 +218,10 @@ class Tokenizer:
                 shutil.copy(source, Path(folder) / name)
         config_file = Path(folder) / "tokenizer_config.json"
         config = _read_json(config_file)
-        if self.pad_token_id is not None and not config.get("pad_token"):
-            # the pad token batches were padded with (eos for GPT-2-style files that name none), so transformers'
-            # AutoTokenizer pads the same way
+        pad = None if self.pad_token_id is None else self.tokenizer.id_to_token(self.pad_token_id)
+        if pad is not None and _token_text(config.get("pad_token")) != pad:
+            # the pad token batches were padded with (eos for GPT-2-style files that name none or one the vocabulary
+            # lacks), so transformers' AutoTokenizer pads the same way
             from .loading import write_json
 
-            write_json(config_file, {**config, "pad_token": self.tokenizer.id_to_token(self.pad_token_id)})
+            write_json(config_file, {**config, "pad_token": pad})

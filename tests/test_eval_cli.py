@@ -745,9 +745,9 @@ def test_a_window_of_one_token_is_one_line(tiny, tmp_path):
 def test_an_empty_text_without_special_tokens_is_one_line(tiny, tmp_path):
     """GPT-2 / Qwen2 tokenizers add no token, so "" is no input at all: alone in a batch it stopped on torch's
     dtype error, and in a batch it was scored from padding."""
-    with pytest.raises(data.DataError, match=r"^text 1 is empty and this tokenizer adds no special token, so it has no "
-                                             r"token to classify; leave it out$"):
+    with pytest.raises(data.DataError, match=r"^a text is empty and this tokenizer adds no special token, so a "
+                                             r"classifier has no token to read; leave empty texts out$"):
         run_eval("--model", tiny.folder("qwen2", "seq-cls"), "--predict", "a fine film", "", "--max-length", MAX_LENGTH)
     dataset = write_jsonl(tmp_path / "data", "test", [{"text": "", "label": 0}, {"text": "b", "label": 1}])
-    with pytest.raises(data.DataError, match=r"^text 0 is empty"):
+    with pytest.raises(data.DataError, match=r"^a text is empty"):
         run_eval("--model", tiny.folder("gpt2", "seq-cls"), "--dataset", dataset, "--max-length", MAX_LENGTH)

@@ -1141,8 +1141,25 @@ def test_a_config_pad_id_of_minus_one_means_none(tiny, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "pad_token_id": -1}))
     model, tok = load_model(str(folder), task="causal-lm")
     assert tok.pad_token_id == tok.eos_token_id == special("llama", "eos")
-    with pytest.raises(LoadError, match="config.json's pad_token_id -1 is not the tokenizer's pad token"):
-        load_model(str(folder), task="seq-cls")
+    classifier, _ = load_model(str(folder), task="seq-cls", num_labels=NUM_LABELS)  # takes the tokenizer's, as none
+    assert classifier.pad_token_id == classifier.config["pad_token_id"] == special("llama", "eos")
+
+
+@pytest.mark.parametrize("config", [{"sliding_window": None}, {"max_window_layers": None, "layer_types": None}],
+                         ids=["no-window", "max-window-layers-missing"])
+def test_qwen2_sliding_window_settings_transformers_reads_as_plain_attention(tmp_path, config):
+    hf = write_checkpoint(tmp_path / "ck", "qwen2", "causal-lm", seed=2, use_sliding_window=True, sliding_window=4)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    cfg = {**cfg, **config}
+    if "max_window_layers" in config:
+        del cfg["max_window_layers"]  # transformers' default, 28, covers both layers
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    hf = load_hf(tmp_path / "ck", "qwen2", "causal-lm")
+    assert set(hf.config.layer_types) == {"full_attention"}
+    ids = random_ids("qwen2", 2, 9)
+    ours = load_model(tmp_path / "ck", task="causal-lm")[0]
+    torch.testing.assert_close(run_ours(ours, ids), run_hf(hf, "qwen2", "causal-lm", ids), atol=ATOL, rtol=0)
 
 
 def test_a_saved_tokenizer_names_the_pad_token_it_padded_with(tiny, tmp_path):
@@ -1157,3 +1174,17 @@ def test_a_saved_tokenizer_names_the_pad_token_it_padded_with(tiny, tmp_path):
     assert theirs.pad_token_id == tok.pad_token_id == special("gpt2", "eos")
     batch = theirs(["the quick brown fox", "a"], padding=True)
     assert batch["input_ids"] == tok(["the quick brown fox", "a"], return_tensors=None)["input_ids"]
+
+
+def test_a_pad_token_the_vocabulary_lacks_is_replaced_in_the_saved_tokenizer(tiny, tmp_path):
+    """Ours pads with eos when tokenizer_config.json names a pad token the vocabulary lacks; the saved file kept the
+    missing name, and transformers then added it as a new id and padded with that."""
+    from transformers import AutoTokenizer
+
+    folder = tiny.copy("llama", "causal-lm", tmp_path / "ck")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<pad>"}))
+    _, tok = load_model(str(folder), task="causal-lm")
+    assert tok.pad_token_id == special("llama", "eos")
+    tok.save(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "saved")).pad_token_id == tok.pad_token_id

@@ -1640,6 +1640,7 @@ def test_labels_are_classes_whatever_type_stores_them(labels, names, ids):
     ([5, 1, 3, 3], [1, 3, 5], [2, 0, 1, 1]),  # star ratings keep their values, in order
     ([-1, 0, 1, 0], [-1, 0, 1], [0, 1, 2, 1]),  # -1/0/1 sentiment (was "label -1 is out of range")
     ([0, 1, 2, 0], [0, 1, 2], [0, 1, 2, 0]),  # beside ids 0..2, -1 is SNLI's "no gold label" (next test)
+    ([-2, -1, 0, 1, 2], [-2, -1, 0, 1, 2], [0, 1, 2, 3, 4]),  # a -2..2 scale keeps its -1
     ([0, 2, 2, 0], [0, 1, 2], [0, 2, 2, 0]),  # ids from 0 are a ClassLabel's: an absent id keeps its output
 ])
 def test_integer_labels_not_from_zero_keep_their_values(labels, names, ids):
@@ -1652,6 +1653,8 @@ def test_minus_one_beside_three_or_more_ids_from_zero_is_no_label():
     """SNLI marks pairs without a gold label -1: they must not become a fourth class, trained and scored."""
     rows = [{"premise": "p", "hypothesis": "h", "label": y} for y in (0, 1, 2, -1, 0, 2)]
     assert data.label_names([rows]) == [0, 1, 2]
+    without_two = [{"premise": "p", "hypothesis": "h", "label": y} for y in (0, 1, -1)]
+    assert data.label_names([rows, without_two]) == [0, 1, 2]  # decided over all splits (was [-1, 0, 1, 2])
     with pytest.raises(data.DataError, match=r"^split 'train' row 3: label -1 is out of range .*SNLI's pairs"):
         data.label_ids(rows, [0, 1, 2], "train")
 
@@ -1863,3 +1866,20 @@ def test_a_hub_class_label_minus_one_is_a_missing_label(monkeypatch):
     assert data.pick_split(splits, None, ("test", "train"), labels=True) == "test"  # never train in its place
     with pytest.raises(data.DataError, match=r"^split 'train' row 2: missing label$"):
         data.check_rows(splits["train"], "seq-cls", "train")
+
+
+def test_a_class_label_minus_one_in_a_parquet_file_written_by_datasets_is_missing(tmp_path):
+    """A Hub snapshot's Parquet records its features: read from the file, -1 was a third class; by name, missing."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, -1, 1]},
+                               features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    datasets.Dataset.from_dict({"text": ["e", "f"], "label": [-1, -1]},
+                               features=features).to_parquet(str(tmp_path / "data" / "test.parquet"))
+    splits = data.load_splits(tmp_path / "data")
+    assert [row["label"] for row in splits["train"]] == [0, 1, None, 1]
+    with pytest.raises(data.DataError, match=r"^split 'test' has no labels: pick a labelled split \(train.py "
+                                             r"--test-split / --eval-split, eval.py --split\)$"):
+        data.check_rows(splits["test"], "seq-cls", "test")
