@@ -161,12 +161,12 @@ def _train_tokenizer(kind: str):
                                                     handle_chinese_chars=True, strip_accents=None)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, min_frequency=1)
-        tok.train_from_iterator(CORPUS, trainer=trainer)
-        # the trainer's vocabulary order follows a per-process hash seed; rebuild it sorted so token
-        # ids are the same in every session (and in torchrun's worker processes)
-        vocab = tok.get_vocab()
-        ordered = specials + sorted(t for t in vocab if t not in specials)
+        # built, not trained: the WordPiece trainer's vocabulary (not only its order) follows the Rust hash seed of
+        # the process, so the tiny BERT models tokenized differently from session to session (and a training test
+        # passed or failed with it). Every character, as a word start and as a continuation, and every corpus word.
+        words = {w for line in CORPUS for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line))}
+        chars = sorted(set("".join(words)))
+        ordered = specials + chars + ["##" + c for c in chars] + sorted(words - set(chars))
         tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]",
                                      max_input_chars_per_word=100)
         tok.post_processor = processors.TemplateProcessing(
