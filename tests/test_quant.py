@@ -3,6 +3,9 @@
 Format-level results must be bit-identical to bitsandbytes (torch.equal); layer outputs are
 compared with tolerances measured on the reference, explained where they are used.
 """
+import platform
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,16 @@ def weight(shape, dtype=torch.float32, seed=0):
     return w.to(dtype)
 
 
+# NF4 dequantization has a PyTorch path and a C one (quant/nf4_simd.c) at each SIMD width this CPU runs
+DEQUANTIZE_PATHS = [0] + [width for width in (256, 512) if width <= nf4.SIMD_WIDTH]
+
+
+@pytest.fixture(params=DEQUANTIZE_PATHS, ids=lambda width: f"simd{width}" if width else "torch")
+def dequantize_path(request, monkeypatch):
+    monkeypatch.setattr(nf4, "SIMD_WIDTH", request.param)
+    return request.param
+
+
 def bnb_quantize(w, blocksize, double_quant):
     return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
 
@@ -44,7 +57,7 @@ def test_code_tables_equal_bitsandbytes():
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant):
+def test_nf4_matches_bitsandbytes(shape, blocksize, dtype, double_quant, dequantize_path):
     w = weight(shape, dtype)
     w.view(-1)[:blocksize] = 0  # an all-zero block (absmax 0)
     ref_packed, ref_state = bnb_quantize(w, blocksize, double_quant)
@@ -67,6 +80,7 @@ def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
     """A weight of several quantize/dequantize chunks (a partial last one), each chunk whole lookup rows
     and a remainder, gives bnb's bytes; dequantizing into a larger, dirty buffer and scratch gives
     bnb's values."""
+    monkeypatch.setattr(nf4, "SIMD_WIDTH", 0)  # the PyTorch path: the C one has no chunks
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 1 << 12)  # small chunks, so a small weight spans many
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 1 << 11)
     monkeypatch.setattr(nf4, "LOOKUP_ROW", 640)  # 2048 = 3 rows + 128, the last chunk's 1536 = 2 rows + 256
@@ -86,6 +100,39 @@ def test_nf4_chunks_and_dequantize_into_buffer(monkeypatch):
         dequantize_nf4(packed, state, out=torch.empty(100))
     with pytest.raises(ValueError, match=f"at least {nf4.DEQUANTIZE_CHUNK} elements"):
         dequantize_nf4(packed, state, scratch=torch.empty(nf4.DEQUANTIZE_CHUNK - 1, dtype=torch.int64))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"),
+                    reason="the C lookup is built for x86-64 where a C compiler exists")
+def test_simd_lookup_was_built():
+    """pip install builds quant/nf4_simd.c here, so the tests above run the C path and not only the fallback."""
+    assert nf4.SIMD_WIDTH in (256, 512), "quant/_nf4_simd was not built or found: reinstall with pip install -e ."
+
+
+def test_simd_lookup_writes_only_its_weights(dequantize_path):
+    """Every code of every block (blocksize 32, the smallest: one step of the AVX512 loop per half block), into a
+    larger dirty buffer whose tail stays untouched."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(24)  # each byte once per 16-byte block pair
+    w = (NF4_CODE[(codes.long().view(-1, 1) >> torch.tensor([4, 0])) & 15].view(-1) * 0.5).view(96, 128)
+    packed, state = quantize_nf4(w, 32)
+    ref_packed, ref_state = bnb_quantize(w, 32, False)
+    assert torch.equal(packed.view(-1), codes)
+    buffer = torch.full((w.numel() + 33,), float("nan"))
+    dequantized = dequantize_nf4(packed, state, out=buffer)
+    assert torch.equal(dequantized, bnb_dequantize(ref_packed, ref_state)) and torch.equal(dequantized, w)
+    assert buffer[w.numel():].isnan().all()
+
+
+@pytest.mark.skipif(nf4.SIMD_WIDTH == 0, reason="no C lookup on this machine")
+def test_simd_lookup_splits_a_large_weight_between_threads(monkeypatch):
+    """Above SIMD_PARALLEL_MIN each thread looks up a share of the blocks: 3 shares of 1000 blocks (not a multiple of
+    3) give bnb's values, with and without double quantization."""
+    monkeypatch.setattr(nf4, "SIMD_PARALLEL_MIN", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    w = weight((500, 128), torch.float16)
+    for double_quant in (False, True):
+        packed, state = quantize_nf4(w, 64, double_quant)
+        assert torch.equal(dequantize_nf4(packed, state), bnb_dequantize(*bnb_quantize(w, 64, double_quant)))
 
 
 def test_nf4_level_lookup_equals_the_nearest_level():
@@ -250,11 +297,17 @@ def test_nf4_bad_inputs():
         quantize_nf4(torch.full((64 * 64,), 3e37), double_quant=True)
 
 
-def test_dequantize_nf4_bad_inputs():
-    """Codes and a state that do not belong together are an error, not values off by up to 2.4."""
+def test_dequantize_nf4_bad_inputs(dequantize_path):
+    """Codes and a state that do not belong together are an error, not values off by up to 2.4 (or, in C,
+    reads past the nested scales)."""
     import dataclasses
 
     packed, state = quantize_nf4(torch.randn(64, 128))
+    packed_dq, state_dq = quantize_nf4(torch.randn(512, 128), double_quant=True)  # 1024 blocks: 4 nested scales
+    with pytest.raises(ValueError, match="4 nested scales of 1024 block scales, got torch.uint8 codes and 3 nested"):
+        dequantize_nf4(packed_dq, dataclasses.replace(state_dq, nested_absmax=state_dq.nested_absmax[:3]))
+    with pytest.raises(ValueError, match="uint8 codes of its block scales"):
+        dequantize_nf4(packed_dq, dataclasses.replace(state_dq, absmax=state_dq.absmax.float()))
     with pytest.raises(ValueError, match="does not fit the codes"):
         dequantize_nf4(packed, dataclasses.replace(state, blocksize=128))
     with pytest.raises(ValueError, match="does not fit the codes"):
