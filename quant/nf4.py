@@ -47,12 +47,12 @@ PyTorch has no register lookup, so the fallback here gathers both levels of each
 table in memory and then scales them, about 3 x slower on small weights; both give the same floats.
 """
 import ctypes
-import importlib.util
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from models.native import load_library, run_in_parts
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 BLOCKSIZE = 64  # the default, as bitsandbytes'
@@ -257,12 +257,11 @@ class BlockScales(ctypes.Structure):
 
 
 def _load_simd_lookup():
-    """The C lookup of quant/nf4_simd.c (built by pip install) and the widest SIMD this CPU runs it with:
-    (library, 512 | 256), or (None, 0) where it was not built or the CPU has neither AVX512 nor AVX2."""
-    spec = importlib.util.find_spec(f"{__package__}._nf4_simd")
-    if spec is None or spec.origin is None:
+    """The C lookup of quant/nf4_simd.c and the widest SIMD this CPU runs it with: (library, 512 | 256), or
+    (None, 0) where it was not built or the CPU has neither AVX512 nor AVX2."""
+    library = load_library(f"{__package__}._nf4_simd")
+    if library is None:
         return None, 0
-    library = ctypes.CDLL(spec.origin)
     library.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockScales), ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     library.nf4_dequantize.restype = ctypes.c_int
@@ -286,24 +285,10 @@ def simd_dequantize(codes: torch.Tensor, state: NF4State, weight: torch.Tensor) 
     else:
         absmax = state.absmax.to(torch.float32).contiguous()
         scales = BlockScales(absmax.data_ptr(), None, None, None, 0.0)
-    n_blocks, blocksize = state.absmax.numel(), state.blocksize
-    n_parts = torch.get_num_threads() if weight.numel() >= SIMD_PARALLEL_MIN else 1
-    bounds = [n_blocks * part // n_parts for part in range(n_parts + 1)]
-    status = [0] * n_parts
-
-    def run(part: int) -> None:  # ctypes lets go of the GIL for the call, so the parts run at once
-        status[part] = _SIMD_LOOKUP.nf4_dequantize(codes.data_ptr(), ctypes.byref(scales), NF4_CODE.data_ptr(),
-                                                   weight.data_ptr(), bounds[part], bounds[part + 1], blocksize,
-                                                   SIMD_WIDTH)
-
-    helpers = [threading.Thread(target=run, args=(part,)) for part in range(1, n_parts)]
-    for helper in helpers:
-        helper.start()
-    run(0)
-    for helper in helpers:
-        helper.join()
-    if any(status):
-        raise RuntimeError(f"the SIMD NF4 lookup refused blocksize {blocksize} at width {SIMD_WIDTH}")
+    blocksize = state.blocksize
+    run_in_parts(lambda first, last: _SIMD_LOOKUP.nf4_dequantize(
+        codes.data_ptr(), ctypes.byref(scales), NF4_CODE.data_ptr(), weight.data_ptr(), first, last, blocksize,
+        SIMD_WIDTH), state.absmax.numel(), SIMD_PARALLEL_MIN // blocksize)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Tensor] = None,

@@ -2,6 +2,8 @@
 the textbook formula are the reference), and the dropout mask against its distribution."""
 import math
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -254,7 +256,59 @@ def test_importing_models_caps_onednns_primitive_cache_unless_the_user_did(users
 
 # ---- dropout ------------------------------------------------------------------------------------
 
-def test_keep_mask_distribution():
+# dropout has a C path (models/dropout.c) and a PyTorch one; each test below runs on both
+@pytest.fixture(params=["c", "torch"])
+def dropout_path(request, monkeypatch):
+    if request.param == "c" and fused._DROPOUT is None:
+        pytest.skip("models/dropout.c was not built here")
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "_DROPOUT", None)
+    return request.param
+
+
+def mix32(x):
+    """lowbias32 on int64 tensors holding uint32 values: the hash models/dropout.c documents."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def reference_keep_mask(n, p, key0, key1):
+    """Element i kept when the top 16 bits of mix32(mix32(lo32(i) ^ key0) + (key1 ^ hi32(i))) reach round(p * 65536)."""
+    i = torch.arange(n, dtype=torch.int64)
+    lane = mix32((mix32((i & 0xFFFFFFFF) ^ key0) + (key1 ^ (i >> 32))) & 0xFFFFFFFF) >> 16
+    return (lane >= round(p * 65536)).to(torch.uint8)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not shutil.which("cc"),
+                    reason="the C kernels are built where a C compiler exists")
+def test_dropout_library_was_built():
+    """pip install builds models/dropout.c here, so the C path is what the tests and training run."""
+    assert fused._DROPOUT is not None, "models/_dropout was not built or found: reinstall with pip install -e ."
+
+
+@pytest.mark.skipif(fused._DROPOUT is None, reason="models/dropout.c was not built here")
+@pytest.mark.parametrize("parallel_min", [1 << 40, 1000])
+def test_c_keep_mask_is_the_documented_hash(monkeypatch, parallel_min):
+    """The C mask equals the hash written out in PyTorch for the key drawn from torch's generator, whether one thread
+    or three write it (3 shares of 10007 elements)."""
+    monkeypatch.setattr(fused, "DROPOUT_PARALLEL_MIN", parallel_min)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    n, p = 10007, 0.3
+    torch.manual_seed(5)
+    keep = fused.keep_mask((n,), p)
+    torch.manual_seed(5)
+    key0, key1 = fused._mask_key()
+    assert torch.equal(keep, reference_keep_mask(n, p, key0, key1))
+    torch.manual_seed(5)
+    x = torch.randn(n)
+    torch.manual_seed(5)
+    assert torch.equal(fused.dropout(x, p), x * (keep.float() * (1 / (1 - p))))
+
+
+def test_keep_mask_distribution(dropout_path):
     torch.manual_seed(0)
     p, n = 0.1, 1 << 20
     keep = fused.keep_mask((n,), p)
@@ -263,35 +317,57 @@ def test_keep_mask_distribution():
     p_rounded = round(p * 65536) / 65536
     sigma = math.sqrt(p_rounded * (1 - p_rounded) / n)
     assert abs(dropped.float().mean().item() - p_rounded) < 5 * sigma
-    for lane in range(4):  # each 16-bit lane of the 64-bit draws is uniform on its own
+    for lane in range(4):  # every fourth element (the torch path's 16-bit lanes of one 64-bit draw) on its own
         assert abs(dropped[lane::4].float().mean().item() - p_rounded) < 5 * 2 * sigma
-    # neighbouring elements are independent: P(both dropped) = p²
-    both = (dropped[:-1] & dropped[1:]).float().mean().item()
-    assert abs(both - p_rounded**2) < 5 * math.sqrt(p_rounded**2 / n)
+    # neighbouring elements and rows of a MiniLM attention mask (64 apart) are independent: P(both dropped) = p²
+    for gap in (1, 64):
+        both = (dropped[:-gap] & dropped[gap:]).float().mean().item()
+        assert abs(both - p_rounded**2) < 5 * math.sqrt(p_rounded**2 / n)
+    # two draws are independent masks
+    again = fused.keep_mask((n,), p) == 0
+    assert abs((dropped & again).float().mean().item() - p_rounded**2) < 5 * math.sqrt(p_rounded**2 / n)
     assert fused.keep_mask((4, 5), 0.0).all()
 
 
-def test_dropout_scales_kept_values_and_backward_uses_the_same_mask():
+def test_dropout_scales_kept_values_and_backward_uses_the_same_mask(dropout_path):
     x = torch.randn(64, 33, generator=torch.Generator().manual_seed(0), requires_grad=True)
     p = 0.3
     torch.manual_seed(1)
     y = fused.dropout(x, p, training=True)
-    kept = y != 0
+    torch.manual_seed(1)
+    keep = fused.keep_mask(x.shape, p)  # the mask dropout drew from the same generator state
+    kept = keep.bool()
     assert 0.2 < 1 - kept.float().mean().item() < 0.4
-    assert torch.equal(y[kept], x.detach()[kept] * (1.0 / (1 - p)))
+    assert torch.equal(y, x.detach() * (keep.float() * (1.0 / (1 - p))))  # exactly F.dropout's product
     g = torch.randn(64, 33)
     y.backward(g)
-    assert torch.equal(x.grad, torch.where(kept, g * (1.0 / (1 - p)), 0.0))
+    assert torch.equal(x.grad, g * (keep.float() * (1.0 / (1 - p))))
     torch.manual_seed(1)
     assert torch.equal(fused.dropout(x, p, training=True), y)  # torch's generator: seeds reproduce it
     assert fused.dropout(x, p, training=False) is x
     assert torch.equal(fused.Dropout(p).eval()(x), x)
     assert isinstance(fused.Dropout(p), nn.Dropout)
+    # a dropped -1 is -0 and a dropped inf NaN, as x times the mask gives; a strided input
+    special = torch.tensor([[-1.0, float("inf"), 2.0, -3.0]]).expand(50, 4).t()
+    torch.manual_seed(2)
+    out = fused.dropout(special, 0.5)
+    torch.manual_seed(2)
+    keep = fused.keep_mask(special.shape, 0.5).float()
+    assert torch.equal(out.isnan(), (special * keep).isnan())
+    assert torch.equal(out.nan_to_num().signbit(), (special * keep).nan_to_num().signbit())
+    # second-order gradients: the backward is itself differentiable
+    x2 = torch.randn(10, 7, requires_grad=True)
+    torch.manual_seed(3)
+    grad, = torch.autograd.grad(fused.dropout(x2, 0.2).pow(2).sum(), x2, create_graph=True)
+    second, = torch.autograd.grad(grad.sum(), x2)
+    torch.manual_seed(3)
+    m = fused.keep_mask(x2.shape, 0.2).float() / 0.8
+    torch.testing.assert_close(second, 2 * m * m, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("masking", ["none", "padding", "causal"])
-def test_attention_with_dropout(gqa, masking):
+def test_attention_with_dropout(gqa, masking, dropout_path):
     g = torch.Generator().manual_seed(2)
     B, nh, T, hs = 2, 4, 6, 8
     q = torch.randn(B, nh, T, hs, generator=g)

@@ -1,0 +1,57 @@
+/* Dropout in one pass over memory: keep mask, y = x * keep / (1 - p) and, in backward, dL/dx = dL/dy * keep / (1 - p),
+ * for float32 tensors. models/fused.py documents the math and loads this with ctypes.
+ *
+ * The mask is counter-based: element i is kept when the top 16 bits of
+ *     mix32(mix32(lo32(i) ^ key0) + (key1 ^ hi32(i)))
+ * are >= round(p * 65536), with mix32 a bijective 32-bit integer hash (lowbias32, from Chris Wellons' hash
+ * prospector) and key0, key1 one 64-bit draw from torch's generator per call. Each element's lane depends on
+ * its index and the key only, so the loop vectorises (the compiler builds an AVX512, an AVX2 and a plain copy of
+ * each loop and the CPU picks one at load time), any range of elements can run on its own thread, and the mask
+ * is the same whichever way the work is split. torch's own generator is a serial Mersenne Twister.
+ */
+#include <stdint.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SIMD_CLONES
+#endif
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint8_t keep_element(int64_t i, uint32_t key0, uint32_t key1, uint32_t threshold) {
+    uint32_t lane = mix32(mix32((uint32_t)i ^ key0) + (key1 ^ (uint32_t)((uint64_t)i >> 32))) >> 16;
+    return lane >= threshold;
+}
+
+/* Elements [first, last) of the keep mask alone. */
+SIMD_CLONES
+void dropout_keep_mask(uint8_t *keep, int64_t first, int64_t last, uint32_t key0, uint32_t key1, uint32_t threshold) {
+    for (int64_t i = first; i < last; i++) keep[i] = keep_element(i, key0, key1, threshold);
+}
+
+/* Elements [first, last) of the mask and of y = x * (keep ? scale : 0): x * 0 as torch's product gives it
+ * (-0 for a negative x, NaN for an infinite one), scale the float32 1 / (1 - p). */
+SIMD_CLONES
+void dropout_forward(const float *x, float *y, uint8_t *keep, int64_t first, int64_t last, uint32_t key0,
+                     uint32_t key1, uint32_t threshold, float scale) {
+    for (int64_t i = first; i < last; i++) {
+        uint8_t k = keep_element(i, key0, key1, threshold);
+        keep[i] = k;
+        y[i] = x[i] * (k ? scale : 0.0f);
+    }
+}
+
+/* Elements [first, last) of dL/dx = dL/dy * (keep ? scale : 0). */
+SIMD_CLONES
+void dropout_backward(const float *grad_y, const uint8_t *keep, float *grad_x, int64_t first, int64_t last,
+                      float scale) {
+    for (int64_t i = first; i < last; i++) grad_x[i] = grad_y[i] * (keep[i] ? scale : 0.0f);
+}
