@@ -6,8 +6,7 @@
  * are >= round(p * 65536), with mix32 a bijective 32-bit integer hash (lowbias32, from Chris Wellons' hash
  * prospector) and key0, key1 one 64-bit draw from torch's generator per call. Each element's lane depends on
  * its index and the key only, so the loop vectorises (the compiler builds an AVX512, an AVX2 and a plain copy of
- * each loop and the CPU picks one at load time), any range of elements can run on its own thread, and the mask
- * is the same whichever way the work is split. torch's own generator is a serial Mersenne Twister.
+ * each loop and the CPU picks one at load time); torch's own generator is a serial Mersenne Twister.
  */
 #include <stdint.h>
 
@@ -26,32 +25,43 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-static inline uint8_t keep_element(int64_t i, uint32_t key0, uint32_t key1, uint32_t threshold) {
-    uint32_t lane = mix32(mix32((uint32_t)i ^ key0) + (key1 ^ (uint32_t)((uint64_t)i >> 32))) >> 16;
+/* key1 arrives already xor-ed with hi32(i): the callers walk 2^32 elements at a time, so that the loops' counter
+ * stays 32-bit (a 64-bit one halved the lanes per vector). */
+static inline uint8_t keep_element(int64_t i, uint32_t key0, uint32_t key1_hi, uint32_t threshold) {
+    uint32_t lane = mix32(mix32((uint32_t)i ^ key0) + key1_hi) >> 16;
     return lane >= threshold;
 }
 
-/* Elements [first, last) of the keep mask alone. */
-SIMD_CLONES
-void dropout_keep_mask(uint8_t *keep, int64_t first, int64_t last, uint32_t key0, uint32_t key1, uint32_t threshold) {
-    for (int64_t i = first; i < last; i++) keep[i] = keep_element(i, key0, key1, threshold);
-}
+#define SPAN ((int64_t)1 << 32)  /* elements walked with one key1_hi */
+#define SPAN_END(start, n) ((n) - (start) > SPAN ? (start) + SPAN : (n))
 
-/* Elements [first, last) of the mask and of y = x * (keep ? scale : 0): x * 0 as torch's product gives it
- * (-0 for a negative x, NaN for an infinite one), scale the float32 1 / (1 - p). */
+/* The keep mask alone, n elements. */
 SIMD_CLONES
-void dropout_forward(const float *x, float *y, uint8_t *keep, int64_t first, int64_t last, uint32_t key0,
-                     uint32_t key1, uint32_t threshold, float scale) {
-    for (int64_t i = first; i < last; i++) {
-        uint8_t k = keep_element(i, key0, key1, threshold);
-        keep[i] = k;
-        y[i] = x[i] * (k ? scale : 0.0f);
+void dropout_keep_mask(uint8_t *keep, int64_t n, uint32_t key0, uint32_t key1, uint32_t threshold) {
+    for (int64_t start = 0; start < n; start += SPAN) {
+        uint32_t key1_hi = key1 ^ (uint32_t)(start >> 32);
+        for (int64_t i = start, end = SPAN_END(start, n); i < end; i++)
+            keep[i] = keep_element(i, key0, key1_hi, threshold);
     }
 }
 
-/* Elements [first, last) of dL/dx = dL/dy * (keep ? scale : 0). */
+/* The mask and y = x * (keep ? scale : 0): x * 0 as torch's product gives it
+ * (-0 for a negative x, NaN for an infinite one), scale the float32 1 / (1 - p). */
 SIMD_CLONES
-void dropout_backward(const float *grad_y, const uint8_t *keep, float *grad_x, int64_t first, int64_t last,
-                      float scale) {
-    for (int64_t i = first; i < last; i++) grad_x[i] = grad_y[i] * (keep[i] ? scale : 0.0f);
+void dropout_forward(const float *x, float *y, uint8_t *keep, int64_t n, uint32_t key0, uint32_t key1,
+                     uint32_t threshold, float scale) {
+    for (int64_t start = 0; start < n; start += SPAN) {
+        uint32_t key1_hi = key1 ^ (uint32_t)(start >> 32);
+        for (int64_t i = start, end = SPAN_END(start, n); i < end; i++) {
+            uint8_t k = keep_element(i, key0, key1_hi, threshold);
+            keep[i] = k;
+            y[i] = x[i] * (k ? scale : 0.0f);
+        }
+    }
+}
+
+/* dL/dx = dL/dy * (keep ? scale : 0), n elements. */
+SIMD_CLONES
+void dropout_backward(const float *grad_y, const uint8_t *keep, float *grad_x, int64_t n, float scale) {
+    for (int64_t i = 0; i < n; i++) grad_x[i] = grad_y[i] * (keep[i] ? scale : 0.0f);
 }

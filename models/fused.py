@@ -45,8 +45,7 @@ torch's CPU Bernoulli sampler costs ~10 ns per element (a quarter of a MiniLM tr
 element gets a uniform 16-bit lane u and m = (u >= round(p · 65536)): p is rounded to a multiple of
 1/65536 (0.1 becomes 0.100006). The lanes come from models/dropout.c where pip install built it: a
 counter-based hash of the element's index keyed by one 64-bit draw of torch's generator, computed in the
-same vectorised pass that writes m and y (and backward's dL/dy · m / (1 - p)), split between threads for
-large tensors. Without the library they are four 16-bit lanes of each 64-bit draw of torch's generator,
+same vectorised pass that writes m and y (and backward's dL/dy · m / (1 - p)). Without the library they are four 16-bit lanes of each 64-bit draw of torch's generator,
 in PyTorch ops; the masks differ between the two, the probabilities do not. Either way the generator
 is torch's, so seeding and checkpointed RNG state work as before. The mask is uint8, not bool:
 torch's CPU kernels write and read bool without vectorising. A MiniLM step's dropout went from about
@@ -63,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .native import load_library, run_in_parts
+from .native import load_library
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
@@ -255,14 +254,14 @@ def lm_loss(lm_head, hidden, targets):
 _DROPOUT = load_library("models._dropout")  # models/dropout.c, None where pip install had no C compiler
 if _DROPOUT is not None:
     _i64, _u32, _ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p
-    _DROPOUT.dropout_keep_mask.argtypes = [_ptr, _i64, _i64, _u32, _u32, _u32]
-    _DROPOUT.dropout_forward.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _u32, _u32, _u32, ctypes.c_float]
-    _DROPOUT.dropout_backward.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+    _DROPOUT.dropout_keep_mask.argtypes = [_ptr, _i64, _u32, _u32, _u32]
+    _DROPOUT.dropout_forward.argtypes = [_ptr, _ptr, _ptr, _i64, _u32, _u32, _u32, ctypes.c_float]
+    _DROPOUT.dropout_backward.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_float]
     for _function in (_DROPOUT.dropout_keep_mask, _DROPOUT.dropout_forward, _DROPOUT.dropout_backward):
-        _function.restype = None  # void: run_in_parts reads None as success
-# from this many elements each torch thread takes a share of a dropout (fwd + bwd of a MiniLM attention mask,
-# 1.6M: 1.2 vs 1.8 ms on one thread; at 590K two threads were slower, 0.62 vs 0.56 ms)
-DROPOUT_PARALLEL_MIN = 1 << 20
+        _function.restype = None
+# One thread runs a dropout. Two were faster alone (a MiniLM attention mask's forward and backward 1.2 vs 1.8 ms)
+# but made a MiniLM LoRA step slower (1.17 vs 1.12 x the floor): the helper thread competes for the cores with
+# torch's OpenMP threads, which spin for a while after each parallel op.
 
 
 def native_dropout(x: torch.Tensor) -> bool:
@@ -289,8 +288,7 @@ def keep_mask(shape, p, device=None):
     threshold = round(p * 65536)
     if native_dropout(torch.empty(0, device=device)):
         key0, key1 = _mask_key()
-        run_in_parts(lambda first, last: _DROPOUT.dropout_keep_mask(keep.data_ptr(), first, last, key0, key1, threshold),
-                     keep.numel(), DROPOUT_PARALLEL_MIN)
+        _DROPOUT.dropout_keep_mask(keep.data_ptr(), keep.numel(), key0, key1, threshold)
         return keep
     n = keep.numel()
     lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)  # 64 random bits
@@ -308,9 +306,7 @@ class _Dropout(torch.autograd.Function):
         x = x.contiguous()
         y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
         (key0, key1), threshold = _mask_key(), round(p * 65536)
-        run_in_parts(lambda first, last: _DROPOUT.dropout_forward(
-            x.data_ptr(), y.data_ptr(), keep.data_ptr(), first, last, key0, key1, threshold, ctx.scale),
-            x.numel(), DROPOUT_PARALLEL_MIN)
+        _DROPOUT.dropout_forward(x.data_ptr(), y.data_ptr(), keep.data_ptr(), x.numel(), key0, key1, threshold, ctx.scale)
         ctx.save_for_backward(keep)
         return y
 
@@ -323,9 +319,7 @@ class _Dropout(torch.autograd.Function):
             return grad_y * saved.to(grad_y.dtype).mul_(ctx.scale), None
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(grad_y)
-        run_in_parts(lambda first, last: _DROPOUT.dropout_backward(
-            grad_y.data_ptr(), saved.data_ptr(), grad_x.data_ptr(), first, last, ctx.scale),
-            grad_y.numel(), DROPOUT_PARALLEL_MIN)
+        _DROPOUT.dropout_backward(grad_y.data_ptr(), saved.data_ptr(), grad_x.data_ptr(), grad_y.numel(), ctx.scale)
         return grad_x, None
 
 

@@ -23,8 +23,7 @@ def load_library(module: str) -> Optional[ctypes.CDLL]:
 def run_in_parts(call: Callable[[int, int], int], n: int, parallel_min: int) -> None:
     """call(first, last) over [0, n): once, or from parallel_min items on, in one range per torch thread.
 
-    `call` returns the C function's status, None for a void one; anything else but 0 is an error (a kernel
-    refusing its arguments)."""
+    `call` returns the C function's status; anything but 0 is an error (a kernel refusing its arguments)."""
     n_parts = torch.get_num_threads() if n >= parallel_min else 1
     bounds = [n * part // n_parts for part in range(n_parts + 1)]
     status = [0] * n_parts
