@@ -286,7 +286,7 @@ def keep_mask(shape, p, device=None):
     """
     keep = torch.empty(shape, dtype=torch.uint8, device=device)
     threshold = round(p * 65536)
-    if native_dropout(torch.empty(0, device=device)):
+    if _DROPOUT is not None and torch.device(device or "cpu").type == "cpu":
         key0, key1 = _mask_key()
         _DROPOUT.dropout_keep_mask(keep.data_ptr(), keep.numel(), key0, key1, threshold)
         return keep
@@ -296,13 +296,15 @@ def keep_mask(shape, p, device=None):
 
 
 class _Dropout(torch.autograd.Function):
+    """y = x · m / (1 - p); saves the uint8 mask m for backward."""
+
     @staticmethod
     def forward(ctx, x, p):
         ctx.scale = 1.0 / (1.0 - p)
         if not native_dropout(x):
-            scale = keep_mask(x.shape, p, x.device).to(x.dtype).mul_(ctx.scale)  # m / (1 - p)
-            ctx.save_for_backward(scale)
-            return x * scale
+            keep = keep_mask(x.shape, p, x.device)
+            ctx.save_for_backward(keep)
+            return x * keep.to(x.dtype).mul_(ctx.scale)
         x = x.contiguous()
         y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
         (key0, key1), threshold = _mask_key(), round(p * 65536)
@@ -312,14 +314,12 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        (saved,) = ctx.saved_tensors
-        if saved.dtype != torch.uint8:  # the scale m / (1 - p) itself
-            return grad_y * saved, None
+        (keep,) = ctx.saved_tensors
         if torch.is_grad_enabled() or not native_dropout(grad_y):  # create_graph: a product autograd can follow
-            return grad_y * saved.to(grad_y.dtype).mul_(ctx.scale), None
+            return grad_y * keep.to(grad_y.dtype).mul_(ctx.scale), None
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(grad_y)
-        _DROPOUT.dropout_backward(grad_y.data_ptr(), saved.data_ptr(), grad_x.data_ptr(), grad_y.numel(), ctx.scale)
+        _DROPOUT.dropout_backward(grad_y.data_ptr(), keep.data_ptr(), grad_x.data_ptr(), grad_y.numel(), ctx.scale)
         return grad_x, None
 
 

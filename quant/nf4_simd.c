@@ -13,8 +13,9 @@
  * rounded after the product and after the sum as PyTorch's two ops do: the library is built with
  * -ffp-contract=off (pyproject.toml), so the compiler never fuses them into one FMA.
  *
- * Single-threaded: one core already runs a 576 x 1536 weight in about 0.07 ms, and a second OpenMP runtime
- * beside torch's would compete with its threads. Loaded with ctypes (quant/nf4.py), no Python API.
+ * No OpenMP: one core already runs a 576 x 1536 weight in about 0.07 ms, and a second OpenMP runtime beside
+ * torch's would compete with its threads; quant/nf4.py hands a large weight's blocks to Python threads in ranges
+ * (first_block, last_block). Loaded with ctypes (models/native.py), no Python API.
  */
 #include <stdint.h>
 
