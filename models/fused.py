@@ -45,15 +45,16 @@ torch's CPU Bernoulli sampler costs ~10 ns per element (a quarter of a MiniLM tr
 element gets a uniform 16-bit lane u and m = (u >= round(p · 65536)): p is rounded to a multiple of
 1/65536 (0.1 becomes 0.100006). The lanes come from models/dropout.c where pip install built it: a
 counter-based hash of the element's index keyed by one 64-bit draw of torch's generator, computed in the
-same vectorised pass that writes m and y (and backward's dL/dy · m / (1 - p)). Without the library they are four 16-bit lanes of each 64-bit draw of torch's generator,
-in PyTorch ops; the masks differ between the two, the probabilities do not. Either way the generator
-is torch's, so seeding and checkpointed RNG state work as before. The mask is uint8, not bool:
-torch's CPU kernels write and read bool without vectorising. A MiniLM step's dropout went from about
-55 ms (torch's sampler) to 21-38 ms (the PyTorch lanes), together with adding padding masks to attention
-scores as 0 / -inf instead of masked_fill_ with a broadcast bool mask, and the step about 25 ms faster again
-in C (an in-process A/B: 531-543 vs 558-568 ms). Forward and backward of an attention mask (32 x 12 x 64 x 64)
-take 1.6-2.0 ms in C against 4.2-5.2 ms on the PyTorch lanes, of a hidden state (32 x 64 x 384) 0.7-0.9
-against 1.6-2.6 ms (2026-12-04, one thread, ad-hoc script not kept).
+same vectorised pass that writes m and y (and backward's dL/dy · m / (1 - p)), split between torch's OpenMP
+threads. Without the library they are four 16-bit lanes of each 64-bit draw of torch's generator, in PyTorch ops;
+the masks differ between the two, the probabilities do not. Either way the generator is torch's, so seeding and
+checkpointed RNG state work as before. The mask is uint8, not bool: torch's CPU kernels write and read bool
+without vectorising. A MiniLM step's dropout went from about 55 ms (torch's sampler) to 21-38 ms (the PyTorch
+lanes), together with adding padding masks to attention scores as 0 / -inf instead of masked_fill_ with a
+broadcast bool mask; in C on one thread a step cost 11-25 ms more than with dropout off, on torch's two threads
+about 5 ms more. Forward and backward of an attention mask (32 x 12 x 64 x 64) take 0.48 ms on two threads
+against 0.98 ms on one (1.3 ms when torch's threads spin beside it) and 4.2-5.2 ms on the PyTorch lanes; of a
+hidden state (32 x 64 x 384) 0.22 against 0.44 ms (2026-12-04, ad-hoc scripts not kept).
 """
 import ctypes
 import math
@@ -260,9 +261,9 @@ if _DROPOUT is not None:
     _DROPOUT.dropout_backward.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_float]
     for _function in (_DROPOUT.dropout_keep_mask, _DROPOUT.dropout_forward, _DROPOUT.dropout_backward):
         _function.restype = None
-# One thread runs a dropout. Two were faster alone (a MiniLM attention mask's forward and backward 1.2 vs 1.8 ms)
-# but made a MiniLM LoRA step slower (1.17 vs 1.12 x the floor): the helper thread competes for the cores with
-# torch's OpenMP threads, which spin for a while after each parallel op.
+# The loops run on torch's OpenMP threads (models/native.py). A Python helper thread per dropout was faster alone
+# but made a MiniLM LoRA step slower (1.17 vs 1.12 x the floor): it competed for the two cores with torch's threads,
+# which spin for a while after each parallel op; torch's own threads are the ones that spin.
 
 
 def native_dropout(x: torch.Tensor) -> bool:

@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from models.native import load_library, run_in_parts
+from models.native import load_library
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 BLOCKSIZE = 64  # the default, as bitsandbytes'
@@ -263,17 +263,17 @@ def _load_simd_lookup():
     if library is None:
         return None, 0
     library.nf4_dequantize.argtypes = [ctypes.c_void_p, ctypes.POINTER(BlockScales), ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
     library.nf4_dequantize.restype = ctypes.c_int
     width = library.nf4_simd_width()
     return (library, width) if width else (None, 0)
 
 
 _SIMD_LOOKUP, SIMD_WIDTH = _load_simd_lookup()  # tests set SIMD_WIDTH to 256 or 0 to run the other paths
-# One thread writes a small weight fastest; from this many weights on (32 MB of output), each of torch's
-# threads takes a share of the blocks (4096 x 4096 into a fresh tensor: 25 vs 37 ms on one thread,
-# bitsandbytes 26; into a reused buffer 2.7 vs 3.9 ms; at 3.5M weights two threads gained nothing).
-SIMD_PARALLEL_MIN = 1 << 23
+# From this many weights on, the blocks are split between torch's threads (OpenMP in the C library, on torch's own
+# threads). Into a reused buffer, one thread vs two here: 576 x 1536 0.085 vs 0.051 ms, 2048 x 2048 0.39 vs 0.18 ms,
+# 4096 x 4096 2.7 vs 2.1 ms (into a fresh tensor 28 vs 17 ms); below about 64K weights waking a thread costs more.
+SIMD_PARALLEL_MIN = 1 << 16
 
 
 def simd_dequantize(codes: torch.Tensor, state: NF4State, weight: torch.Tensor) -> None:
@@ -285,10 +285,11 @@ def simd_dequantize(codes: torch.Tensor, state: NF4State, weight: torch.Tensor) 
     else:
         absmax = state.absmax.to(torch.float32).contiguous()
         scales = BlockScales(absmax.data_ptr(), None, None, None, 0.0)
-    blocksize = state.blocksize
-    run_in_parts(lambda first, last: _SIMD_LOOKUP.nf4_dequantize(
-        codes.data_ptr(), ctypes.byref(scales), NF4_CODE.data_ptr(), weight.data_ptr(), first, last, blocksize,
-        SIMD_WIDTH), state.absmax.numel(), SIMD_PARALLEL_MIN // blocksize)
+    status = _SIMD_LOOKUP.nf4_dequantize(codes.data_ptr(), ctypes.byref(scales), NF4_CODE.data_ptr(), weight.data_ptr(),
+                                         state.absmax.numel(), state.blocksize, SIMD_WIDTH,
+                                         SIMD_PARALLEL_MIN // state.blocksize)
+    if status:
+        raise RuntimeError(f"quant/nf4_simd.c refused blocksize {state.blocksize} at width {SIMD_WIDTH}")
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, out: Optional[torch.Tensor] = None,

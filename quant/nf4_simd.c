@@ -13,11 +13,15 @@
  * rounded after the product and after the sum as PyTorch's two ops do: the library is built with
  * -ffp-contract=off (pyproject.toml), so the compiler never fuses them into one FMA.
  *
- * No OpenMP: one core already runs a 576 x 1536 weight in about 0.07 ms, and a second OpenMP runtime beside
- * torch's would compete with its threads; quant/nf4.py hands a large weight's blocks to Python threads in ranges
- * (first_block, last_block). Loaded with ctypes (models/native.py), no Python API.
+ * Threads: OpenMP over blocks, for a weight of parallel_min_blocks blocks or more (one core already runs a 576 x 1536
+ * weight in about 0.07 ms). The library is built against libgomp.so.1, the runtime torch's Linux wheels load
+ * first, so it runs on torch's own intra-op threads (models/dropout.c says why that matters). Loaded with ctypes
+ * (models/native.py), no Python API.
  */
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Where a block's scale comes from: absmax, or with double quantization (absmax NULL) the rest. The layout
  * is quant/nf4.py's BlockScales. */
@@ -93,23 +97,39 @@ static void dequantize_avx2(const uint8_t *codes, const BlockScales *scales, con
     }
 }
 
-/* Blocks [first_block, last_block) of codes into out (both indexed from block 0). width: 512 or 256, at most
- * what nf4_simd_width() returned. Returns 0 on success, -1 for a width or blocksize it cannot take. */
+/* The thread's share [*first, *last) of n items: one share per thread of the team. */
+static inline void thread_share(int64_t n, int64_t *first, int64_t *last) {
+#ifdef _OPENMP
+    int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+    int64_t thread = 0, threads = 1;
+#endif
+    *first = n * thread / threads;
+    *last = n * (thread + 1) / threads;
+}
+
+/* All n_blocks blocks of codes into out, split between torch's threads from parallel_min_blocks blocks on.
+ * width: 512 or 256, at most what nf4_simd_width() returned. Returns 0 on success, -1 for a width or blocksize
+ * it cannot take. */
 int nf4_dequantize(const uint8_t *codes, const BlockScales *scales, const float *levels, float *out,
-                   int64_t first_block, int64_t last_block, int64_t blocksize, int width) {
-    if (blocksize % 16 != 0) return -1;
-    if (width == 512) dequantize_avx512(codes, scales, levels, out, first_block, last_block, blocksize / 2);
-    else if (width == 256) dequantize_avx2(codes, scales, levels, out, first_block, last_block, blocksize / 2);
-    else return -1;
+                   int64_t n_blocks, int64_t blocksize, int width, int64_t parallel_min_blocks) {
+    if (blocksize % 16 != 0 || (width != 512 && width != 256)) return -1;
+    #pragma omp parallel if (n_blocks >= parallel_min_blocks)
+    {
+        int64_t first, last;
+        thread_share(n_blocks, &first, &last);
+        if (width == 512) dequantize_avx512(codes, scales, levels, out, first, last, blocksize / 2);
+        else dequantize_avx2(codes, scales, levels, out, first, last, blocksize / 2);
+    }
     return 0;
 }
 
 #else
 int nf4_simd_width(void) { return 0; }
 int nf4_dequantize(const uint8_t *codes, const BlockScales *scales, const float *levels, float *out,
-                   int64_t first_block, int64_t last_block, int64_t blocksize, int width) {
-    (void)codes; (void)scales; (void)levels; (void)out; (void)first_block; (void)last_block; (void)blocksize;
-    (void)width;
+                   int64_t n_blocks, int64_t blocksize, int width, int64_t parallel_min_blocks) {
+    (void)codes; (void)scales; (void)levels; (void)out; (void)n_blocks; (void)blocksize; (void)width;
+    (void)parallel_min_blocks;
     return -1;
 }
 #endif

@@ -47,6 +47,15 @@ def allocator_settings(monkeypatch):
 
 
 @pytest.fixture
+def torch_threads():
+    """torch.set_num_threads for one test, restored after it. The C kernels' OpenMP loops run on torch's threads,
+    so this is also their team size."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def quiet_warnings():
     """Silence the references' warnings (peft's fan_in_fan_out notice for Conv1D, bitsandbytes' CPU notices, ...)."""
     with warnings.catch_warnings():

@@ -290,19 +290,25 @@ def test_dropout_library_was_built():
 
 
 @pytest.mark.skipif(fused._DROPOUT is None, reason="models/dropout.c was not built here")
-def test_c_keep_mask_is_the_documented_hash():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_c_keep_mask_is_the_documented_hash(threads, torch_threads):
     """The C mask equals the hash written out in PyTorch for the key drawn from torch's generator, and dropout's
-    product uses that mask."""
-    n, p = 10007, 0.3
+    product and its backward use that mask; on 3 threads (OpenMP splits from 65536 elements on) as on one."""
+    torch_threads(threads)
+    n, p = 200_003, 0.3
     torch.manual_seed(5)
     keep = fused.keep_mask((n,), p)
     torch.manual_seed(5)
     key0, key1 = fused._mask_key()
     assert torch.equal(keep, reference_keep_mask(n, p, key0, key1))
+    x = torch.randn(n, requires_grad=True)
     torch.manual_seed(5)
-    x = torch.randn(n)
-    torch.manual_seed(5)
-    assert torch.equal(fused.dropout(x, p), x * (keep.float() * (1 / (1 - p))))
+    y = fused.dropout(x, p)
+    scale = keep.float() * (1 / (1 - p))
+    assert torch.equal(y, x.detach() * scale)
+    g = torch.randn(n)
+    y.backward(g)
+    assert torch.equal(x.grad, g * scale)
 
 
 def test_keep_mask_distribution(dropout_path):

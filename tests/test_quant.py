@@ -124,12 +124,12 @@ def test_simd_lookup_writes_only_its_weights(dequantize_path):
 
 
 @pytest.mark.skipif(nf4.SIMD_WIDTH == 0, reason="no C lookup on this machine")
-def test_simd_lookup_splits_a_large_weight_between_threads(monkeypatch):
+def test_simd_lookup_splits_a_large_weight_between_threads(monkeypatch, torch_threads):
     """Above SIMD_PARALLEL_MIN each thread looks up a share of the blocks: 3 shares of 1000 blocks (not a multiple of
     3) give bnb's values, with and without double quantization."""
     monkeypatch.setattr(nf4, "SIMD_PARALLEL_MIN", 1000)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     w = weight((500, 128), torch.float16)
+    torch_threads(3)
     for double_quant in (False, True):
         packed, state = quantize_nf4(w, 64, double_quant)
         assert torch.equal(dequantize_nf4(packed, state), bnb_dequantize(*bnb_quantize(w, 64, double_quant)))
