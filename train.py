@@ -779,15 +779,23 @@ def main(argv=None):
                 break
             if args.save_every and state["step"] % args.save_every == 0:
                 checkpoint()
-    except KeyboardInterrupt:
-        state = copy.deepcopy(committed)  # the weights and optimizer are still those of the last finished step
-        try:
-            with signals_deferred():  # torchrun sends the signal again: the save finishes first
-                checkpoint()
-        except KeyboardInterrupt:
-            pass  # that repeated signal; the run stops below all the same
-        if is_main:
-            print(f"\ninterrupted at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
+    except BaseException as stopped:
+        # Ctrl-C or SIGTERM; or, under torchrun, a collective failing because another process stopped first (on
+        # Ctrl-C every process gets the signal, and the one that acts first leaves its peers' all-reduce failing
+        # with "Connection closed by peer": rank 0 then saved nothing). Either way the weights and optimizer are
+        # still those of the last finished step.
+        saved = False
+        while not saved and (isinstance(stopped, KeyboardInterrupt) or world > 1 and isinstance(stopped, RuntimeError)):
+            try:
+                with signals_deferred():  # a signal now (torchrun's SIGTERM after a Ctrl-C) waits for the save
+                    state = copy.deepcopy(committed)
+                    checkpoint()
+                    saved = True
+            except KeyboardInterrupt:
+                pass  # deferred until the save ended, or pending from before it began (then the save is retried)
+        if saved and is_main:
+            why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "stopped by the error below"
+            print(f"\n{why} at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
                   "run again with --resume to continue", file=sys.stderr)
         raise
     finally:

@@ -935,6 +935,44 @@ def test_torchrun_resume_with_dropout_is_exact_and_keeps_the_process_count(tiny,
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"), atol=0)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_rank_0_saves_when_another_process_stops_first(tiny, tmp_path):
+    """Ctrl-C reaches every process of a torchrun job, and the first to act leaves the others' all-reduce failing
+    ("Connection closed by peer"): rank 0 then saved no checkpoint. Here rank 1 alone is interrupted in step 3's
+    forward; rank 0 saves step 2's checkpoint, and the job resumed from it ends with the uninterrupted run's
+    weights."""
+    dataset = keyword_dataset(tmp_path / "data", n_train=24, n_eval=8, num_labels=NUM_LABELS)
+    common = ["--model", str(tiny.folder("bert", "seq-cls")), "--dataset", str(dataset), "--max-length", "16",
+              "--batch-size", "2", "--eval-batch-size", "8", "--lr", "0.01", "--schedule", "constant", "--warmup", "0",
+              "--max-steps", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rank_1_stops = ("import os, sys, train\n"
+                    "loss_sum, steps = train.loss_sum, []\n"
+                    "def stop_in_step_3(*args):\n"
+                    "    steps.append(1)\n"
+                    "    if os.environ['RANK'] == '1' and len(steps) == 3:\n"
+                    "        raise KeyboardInterrupt\n"
+                    "    return loss_sum(*args)\n"
+                    "train.loss_sum = stop_in_step_3\n"
+                    "train.main(sys.argv[1:])\n")
+
+    def torchrun(*argv, code=None):
+        program = ["--no-python", sys.executable, "-c", code, *argv] if code else [str(ROOT / "train.py"), *argv]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+    stopped = torchrun(*common, "--output-dir", tmp_path / "stopped", code=rank_1_stops)
+    assert stopped.returncode != 0
+    assert ("stopped by the error below at step 2: checkpoint saved in " in stopped.stderr
+            and "Connection closed by peer" in stopped.stderr), stopped.stderr[-3000:]
+    assert json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())["step"] == 2
+    for run_dir, extra in (("stopped", ["--resume"]), ("straight", [])):
+        proc = torchrun(*common, "--output-dir", tmp_path / run_dir, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["loss"] for r in log_rows(tmp_path / "stopped")] == [r["loss"] for r in log_rows(tmp_path / "straight")]
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped"), atol=0)
+
+
 # ------------------------------------------------------------------ bad input
 
 
