@@ -178,6 +178,15 @@ def init_distributed():
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def lost_a_peer(error, world):
+    """Whether `error` is a collective failing because another process of the job stopped first: gloo's
+    "Connection closed by peer" (or "reset by peer"), or a torch.distributed error. The loop runs its collectives
+    (DDP's all-reduce in backward, all_sum) only before a step changes anything, so the last finished step is
+    intact then."""
+    return world > 1 and isinstance(error, RuntimeError) and (isinstance(error, dist.DistError)
+                                                              or "by peer" in str(error))
+
+
 def all_sum(value, world):
     if world == 1:
         return value
@@ -369,8 +378,10 @@ def signals_deferred():
         yield
         return
     _caught.clear()
-    handlers = {s: signal.signal(s, _defer) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    handlers = {}
+    try:  # installed inside: a signal between the two installs must not leave SIGINT deferred for good
+        for s in (signal.SIGINT, signal.SIGTERM):
+            handlers[s] = signal.signal(s, _defer)
         yield
     finally:
         for s, handler in handlers.items():
@@ -781,11 +792,10 @@ def main(argv=None):
                 checkpoint()
     except BaseException as stopped:
         # Ctrl-C or SIGTERM; or, under torchrun, a collective failing because another process stopped first (on
-        # Ctrl-C every process gets the signal, and the one that acts first leaves its peers' all-reduce failing
-        # with "Connection closed by peer": rank 0 then saved nothing). Either way the weights and optimizer are
-        # still those of the last finished step.
+        # Ctrl-C every process gets the signal, and the one that acts first leaves its peers' all-reduce failing:
+        # rank 0 then saved nothing). Either way the weights and optimizer are still those of the last finished step.
         saved = False
-        while not saved and (isinstance(stopped, KeyboardInterrupt) or world > 1 and isinstance(stopped, RuntimeError)):
+        while not saved and (isinstance(stopped, KeyboardInterrupt) or lost_a_peer(stopped, world)):
             try:
                 with signals_deferred():  # a signal now (torchrun's SIGTERM after a Ctrl-C) waits for the save
                     state = copy.deepcopy(committed)
@@ -794,7 +804,7 @@ def main(argv=None):
             except KeyboardInterrupt:
                 pass  # deferred until the save ended, or pending from before it began (then the save is retried)
         if saved and is_main:
-            why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "stopped by the error below"
+            why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "another process stopped (the error below)"
             print(f"\n{why} at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "
                   "run again with --resume to continue", file=sys.stderr)
         raise

@@ -289,6 +289,20 @@ def test_dropout_library_was_built():
     assert fused._DROPOUT is not None, "models/_dropout was not built or found: reinstall with pip install -e ."
 
 
+@pytest.mark.skipif(fused._DROPOUT is None or not sys.platform.startswith("linux"),
+                    reason="models/dropout.c was not built here, or no /proc/self/maps")
+def test_c_kernels_run_on_torchs_openmp_runtime():
+    """The C libraries link libgomp.so.1 and are loaded after torch, so the loader gives them torch's copy: one
+    OpenMP runtime in the process, and their loops run on torch's threads. A second runtime would bring a second
+    pool of spinning threads competing with torch's for the cores."""
+    from quant import nf4  # noqa: F401  (loads quant/nf4_simd.c)
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    runtimes = {path for path in paths if Path(path).name.startswith(("libgomp", "libomp", "libiomp"))}
+    assert len(runtimes) == 1, runtimes
+
+
 @pytest.mark.skipif(fused._DROPOUT is None, reason="models/dropout.c was not built here")
 @pytest.mark.parametrize("threads", [1, 3])
 def test_c_keep_mask_is_the_documented_hash(threads, torch_threads):
