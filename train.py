@@ -794,15 +794,17 @@ def main(argv=None):
         # Ctrl-C or SIGTERM; or, under torchrun, a collective failing because another process stopped first (on
         # Ctrl-C every process gets the signal, and the one that acts first leaves its peers' all-reduce failing:
         # rank 0 then saved nothing). Either way the weights and optimizer are still those of the last finished step.
-        saved = False
-        while not saved and (isinstance(stopped, KeyboardInterrupt) or lost_a_peer(stopped, world)):
+        done = saved = False
+        while not done:  # every call inside the try: a signal pending from before the save interrupts it there
             try:
-                with signals_deferred():  # a signal now (torchrun's SIGTERM after a Ctrl-C) waits for the save
-                    state = copy.deepcopy(committed)
-                    checkpoint()
-                    saved = True
+                if isinstance(stopped, KeyboardInterrupt) or lost_a_peer(stopped, world):
+                    with signals_deferred():  # a signal now (torchrun's SIGTERM after a Ctrl-C) waits for the save
+                        state = copy.deepcopy(committed)
+                        checkpoint()
+                        saved = True
+                done = True
             except KeyboardInterrupt:
-                pass  # deferred until the save ended, or pending from before it began (then the save is retried)
+                done = saved  # deferred until the save ended; or pending from before it began: save again
         if saved and is_main:
             why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "another process stopped (the error below)"
             print(f"\n{why} at step {state['step']}: checkpoint saved in {out / 'checkpoint'}; "

@@ -52,9 +52,9 @@ checkpointed RNG state work as before. The mask is uint8, not bool: torch's CPU 
 without vectorising. A MiniLM step's dropout went from about 55 ms (torch's sampler) to 21-38 ms (the PyTorch
 lanes), together with adding padding masks to attention scores as 0 / -inf instead of masked_fill_ with a
 broadcast bool mask; in C on one thread a step cost 11-25 ms more than with dropout off, on torch's two threads
-about 5 ms more. Forward and backward of an attention mask (32 x 12 x 64 x 64) take 0.48 ms on two threads
-against 0.98 ms on one (1.3 ms when torch's threads spin beside it) and 4.2-5.2 ms on the PyTorch lanes; of a
-hidden state (32 x 64 x 384) 0.22 against 0.44 ms (2026-12-04, ad-hoc scripts not kept).
+about 5 ms more (bench/bench_lora.py's row with the base's dropout off). Forward and backward through autograd
+(bench/bench_dropout.py, 2026-12-04): an attention mask (32 x 12 x 64 x 64) 1.64 ms on torch's two threads, 2.10
+on one, 4.88 on the PyTorch lanes, 16.3 with F.dropout; a hidden state (32 x 64 x 384) 0.92, 1.15, 2.50 and 8.44.
 """
 import ctypes
 import math

@@ -272,7 +272,8 @@ def _load_simd_lookup():
 _SIMD_LOOKUP, SIMD_WIDTH = _load_simd_lookup()  # tests set SIMD_WIDTH to 256 or 0 to run the other paths
 # From this many weights on, the blocks are split between torch's threads (OpenMP in the C library, on torch's own
 # threads). Into a reused buffer, one thread vs two here: 576 x 1536 0.085 vs 0.051 ms, 2048 x 2048 0.39 vs 0.18 ms,
-# 4096 x 4096 2.7 vs 2.1 ms (into a fresh tensor 28 vs 17 ms); below about 64K weights waking a thread costs more.
+# 4096 x 4096 2.7 vs 2.1 ms (into a fresh tensor 28 vs 17 ms; 2026-12-04, ad-hoc script not kept); below about 64K
+# weights waking a thread costs more.
 SIMD_PARALLEL_MIN = 1 << 16
 
 

@@ -879,6 +879,18 @@ def test_sliding_window_without_overlap_scores_every_token_or_refuses(tiny, stri
 
 # ------------------------------------------------------------------ torchrun
 
+# a subprocess's environment: offline, one thread each (two torchrun workers share the two cores)
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def torchrun(*argv, code=None):
+    """train.py with argv on two torchrun processes (gloo), or `code` run by python -c with argv as sys.argv[1:]."""
+    program = ["--no-python", sys.executable, "-c", code] if code else [str(ROOT / "train.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
+           *map(str, argv)]
+    return subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+
+
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_processes_equal_one(tiny, tmp_path, monkeypatch):
@@ -886,13 +898,9 @@ def test_torchrun_two_processes_equal_one(tiny, tmp_path, monkeypatch):
     dataset = keyword_dataset(tmp_path / "data", n_train=24, n_eval=8, num_labels=NUM_LABELS)
     common = ["--model", str(folder), "--dataset", str(dataset), "--max-length", "16", "--max-steps", "3",
               "--lr", "0.5", "--eval-batch-size", "8"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with_sgd = ("import runpy, sys, torch; torch.optim.AdamW = lambda groups, lr: torch.optim.SGD(groups, lr=lr); "
                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")  # as sgd()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-           sys.executable, "-c", with_sgd, str(ROOT / "train.py"), *common, "--batch-size", "4",
-           "--output-dir", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(ROOT / "train.py", *common, "--batch-size", 4, "--output-dir", tmp_path / "ddp", code=with_sgd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.setattr(torch.optim, "AdamW", sgd)
     train.main([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "single")])
@@ -915,20 +923,17 @@ def test_torchrun_resume_with_dropout_is_exact_and_keeps_the_process_count(tiny,
     common = ["--model", str(tiny.folder("bert", "seq-cls")), "--dataset", str(dataset), "--max-length", "16",
               "--batch-size", "3", "--eval-batch-size", "8", "--lr", "0.01", "--schedule", "constant", "--warmup", "0",
               "--dropout", "0.1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-    def torchrun(*argv):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), *common, *map(str, argv)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    def train_on_two(*argv):
+        proc = torchrun(*common, *argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    torchrun("--max-steps", 4, "--output-dir", tmp_path / "straight")
-    torchrun("--max-steps", 2, "--output-dir", tmp_path / "resumed")
+    train_on_two("--max-steps", 4, "--output-dir", tmp_path / "straight")
+    train_on_two("--max-steps", 2, "--output-dir", tmp_path / "resumed")
     with pytest.raises(LoadError, match=r"^--resume: the interrupted run ran on 2 process\(es\), this one on 1; "
                                         r"resume it on 2$"):
         train.main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed"), "--resume"])
-    torchrun("--max-steps", 4, "--output-dir", tmp_path / "resumed", "--resume")
+    train_on_two("--max-steps", 4, "--output-dir", tmp_path / "resumed", "--resume")
     straight, resumed = log_rows(tmp_path / "straight"), log_rows(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
@@ -945,7 +950,6 @@ def test_torchrun_rank_0_saves_when_another_process_stops_first(tiny, tmp_path):
     common = ["--model", str(tiny.folder("bert", "seq-cls")), "--dataset", str(dataset), "--max-length", "16",
               "--batch-size", "2", "--eval-batch-size", "8", "--lr", "0.01", "--schedule", "constant", "--warmup", "0",
               "--max-steps", "4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     rank_1_stops = ("import os, sys, train\n"
                     "loss_sum, steps = train.loss_sum, []\n"
                     "def stop_in_step_3(*args):\n"
@@ -955,11 +959,6 @@ def test_torchrun_rank_0_saves_when_another_process_stops_first(tiny, tmp_path):
                     "    return loss_sum(*args)\n"
                     "train.loss_sum = stop_in_step_3\n"
                     "train.main(sys.argv[1:])\n")
-
-    def torchrun(*argv, code=None):
-        program = ["--no-python", sys.executable, "-c", code, *argv] if code else [str(ROOT / "train.py"), *argv]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
     stopped = torchrun(*common, "--output-dir", tmp_path / "stopped", code=rank_1_stops)
     assert stopped.returncode != 0
@@ -1000,10 +999,9 @@ def test_wrong_target_module_fails_at_once_in_one_line(tiny, tmp_path, monkeypat
         run(folder, dataset, tmp_path / "out", "--target-modules", "q_lin,vlin")
     assert str(exc.value) == ("--target-modules: vlin matches no linear layer of this model; its linear layers are "
                               "named: classifier, k_lin, lin1, lin2, out_lin, pre_classifier, q_lin, v_lin")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--dataset", str(dataset),
                            "--output-dir", str(tmp_path / "cli"), "--max-length", "32", "--target-modules", "qury"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
     assert (proc.returncode, proc.stderr.splitlines(), proc.stdout) == (1, [f"error: {message}"], "")
 
 
